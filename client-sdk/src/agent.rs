@@ -1,0 +1,433 @@
+//! The MLS group-key agent of one call member.
+//!
+//! The agent consumes what the delivery service (the signaling server)
+//! relays: a Welcome, the server's external Add/Remove proposals, and
+//! commits. When the server designates it as committer it commits the
+//! pending proposals. For every epoch it exports the SFrame base key
+//! (`MLS-Exporter("SFrame 1.0 Base Key", "", AEAD.Nk)`) into its
+//! [`CallCrypto`], which derives one key per sender and stream.
+//!
+//! Epochs: a new epoch's receive keys are installed as soon as its commit is
+//! processed; the previous epoch's stay for [`AgentConfig::retention`]. The
+//! sending key moves only when the application says the group has moved
+//! ([`MlsAgent::switch_sending`]), which also asks for a key frame.
+
+use std::time::{Duration, Instant};
+
+use conclave_protocol::sframe::{CipherSuite, EpochSecret, KeyRingConfig, KidLayout, LeafSet};
+use mls_rs::client_builder::{BaseConfig, WithCryptoProvider, WithIdentityProvider};
+use mls_rs::extension::built_in::ExternalSendersExt;
+use mls_rs::group::{CommitEffect, ReceivedMessage};
+use mls_rs::identity::SigningIdentity;
+use mls_rs::{Client, ExtensionList, Group, MlsMessage};
+use mls_rs_crypto_rustcrypto::RustCryptoProvider;
+use zeroize::Zeroizing;
+
+use crate::crypto::CallCrypto;
+use crate::error::AgentError;
+use crate::verify;
+use conclave_protocol::mls::{ConclaveIdentityProvider, Identity, MLS_SUITE, Principal};
+
+/// The exporter label of RFC 9605 §5.2.
+pub const SFRAME_EXPORTER_LABEL: &[u8] = b"SFrame 1.0 Base Key";
+
+/// mls-rs configuration used by every Conclave member.
+pub type MlsConfig = WithCryptoProvider<
+    RustCryptoProvider,
+    WithIdentityProvider<ConclaveIdentityProvider, BaseConfig>,
+>;
+
+/// Builds the mls-rs client of a device identity (cipher suite 1, RustCrypto).
+pub fn mls_client(identity: &Identity) -> Client<MlsConfig> {
+    Client::builder()
+        .identity_provider(ConclaveIdentityProvider)
+        .crypto_provider(RustCryptoProvider::default())
+        .signing_identity(
+            identity.signing_identity().clone(),
+            identity.secret().clone(),
+            MLS_SUITE,
+        )
+        .build()
+}
+
+/// Settings of an agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// SFrame cipher suite of the call.
+    pub sframe_suite: CipherSuite,
+    /// KID layout of the call.
+    pub layout: KidLayout,
+    /// How long the previous epoch's receive keys are kept.
+    pub retention: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            sframe_suite: CipherSuite::default(),
+            layout: KidLayout::default(),
+            retention: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What happened as a result of an input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// The agent is in the group at `epoch` and sends in it.
+    Joined {
+        /// The epoch joined.
+        epoch: u64,
+    },
+    /// A proposal from the delivery service was queued for the next commit.
+    ProposalQueued,
+    /// A commit moved the group to `epoch`; its receive keys are installed.
+    EpochChanged {
+        /// The new epoch.
+        epoch: u64,
+        /// Leaves added by the commit.
+        added: Vec<u32>,
+        /// Leaves removed by the commit.
+        removed: Vec<u32>,
+    },
+    /// Outbound frames now use `epoch`'s keys.
+    SendingSwitched {
+        /// The epoch now sent in.
+        epoch: u64,
+    },
+    /// Send a key frame so members who joined can start decoding.
+    KeyFrameRequested,
+    /// This member was removed; every key was dropped.
+    Removed,
+}
+
+/// A commit waiting for the delivery service's verdict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitBundle {
+    /// The epoch the commit was built in (it creates `epoch + 1`).
+    pub epoch: u64,
+    /// The commit message (an MLS PublicMessage).
+    pub commit: Vec<u8>,
+    /// The Welcome for members it adds, if any.
+    pub welcome: Option<Vec<u8>>,
+}
+
+/// One member of the group as the agent sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RosterEntry {
+    /// MLS leaf index.
+    pub leaf: u32,
+    /// User and device.
+    pub principal: Principal,
+    /// Ed25519 identity public key.
+    pub identity_key: Vec<u8>,
+}
+
+/// The MLS agent of one device in one call.
+pub struct MlsAgent {
+    identity: Identity,
+    client: Client<MlsConfig>,
+    group: Option<Group<MlsConfig>>,
+    config: AgentConfig,
+    crypto: CallCrypto,
+}
+
+impl std::fmt::Debug for MlsAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MlsAgent")
+            .field("identity", &self.identity)
+            .field("epoch", &self.epoch())
+            .field("crypto", &self.crypto)
+            .finish_non_exhaustive()
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<MlsMessage, AgentError> {
+    MlsMessage::from_bytes(bytes).map_err(AgentError::Malformed)
+}
+
+impl MlsAgent {
+    /// An agent for `identity`, in no group yet.
+    pub fn new(identity: Identity, config: AgentConfig) -> Self {
+        let client = mls_client(&identity);
+        Self {
+            identity,
+            client,
+            group: None,
+            config,
+            crypto: CallCrypto::new(KeyRingConfig {
+                suite: config.sframe_suite,
+                layout: config.layout,
+                retention: config.retention,
+            }),
+        }
+    }
+
+    /// This device's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// A fresh single-use key package for the delivery service to hold.
+    pub fn key_package(&self) -> Result<Vec<u8>, AgentError> {
+        let kp = self.client.generate_key_package_message(
+            ExtensionList::default(),
+            ExtensionList::default(),
+            None,
+        )?;
+        Ok(kp.to_bytes()?)
+    }
+
+    /// Creates the call's group, naming the server as its only external sender.
+    pub fn create_group(
+        &mut self,
+        group_id: &[u8],
+        external_sender: &SigningIdentity,
+        now: Instant,
+    ) -> Result<Vec<AgentEvent>, AgentError> {
+        if self.group.is_some() {
+            return Err(AgentError::AlreadyInGroup);
+        }
+        if !matches!(Principal::of(external_sender)?, Principal::Server { .. }) {
+            return Err(AgentError::Identity(
+                conclave_protocol::mls::IdentityError::Invalid,
+            ));
+        }
+        let mut ext = ExtensionList::new();
+        ext.set_from(ExternalSendersExt::new(vec![external_sender.clone()]))?;
+        let group = self.client.create_group_with_id(
+            group_id.to_vec(),
+            ext,
+            ExtensionList::default(),
+            None,
+        )?;
+        self.group = Some(group);
+        self.enter_current_epoch(now)
+    }
+
+    /// Joins from a Welcome relayed by the delivery service.
+    pub fn join(&mut self, welcome: &[u8], now: Instant) -> Result<Vec<AgentEvent>, AgentError> {
+        if self.group.is_some() {
+            return Err(AgentError::AlreadyInGroup);
+        }
+        let msg = decode(welcome)?;
+        let (group, _info) = self.client.join_group(None, &msg, None)?;
+        self.group = Some(group);
+        self.enter_current_epoch(now)
+    }
+
+    fn enter_current_epoch(&mut self, now: Instant) -> Result<Vec<AgentEvent>, AgentError> {
+        let epoch = self.install_current_epoch(now)?;
+        self.crypto.switch_sending(epoch)?;
+        Ok(vec![AgentEvent::Joined { epoch }])
+    }
+
+    fn group(&self) -> Result<&Group<MlsConfig>, AgentError> {
+        self.group.as_ref().ok_or(AgentError::NotInGroup)
+    }
+
+    /// Exports the current epoch's base key into the key ring; returns the epoch.
+    fn install_current_epoch(&mut self, now: Instant) -> Result<u64, AgentError> {
+        let group = self.group()?;
+        let epoch = group.current_epoch();
+        let secret = group.export_secret(
+            SFRAME_EXPORTER_LABEL,
+            b"",
+            self.config.sframe_suite.key_len(),
+        )?;
+        let members: LeafSet = group.roster().members_iter().map(|m| m.index).collect();
+        let width = group
+            .roster()
+            .members_iter()
+            .map(|m| m.index)
+            .max()
+            .map_or(1, |i| i + 1);
+        let leaf = group.current_member_index();
+        let secret = EpochSecret {
+            epoch,
+            base_key: Zeroizing::new(secret.as_bytes().to_vec()),
+            sender_bits: KidLayout::sender_bits(width),
+            members,
+        };
+        self.crypto.install(secret, leaf, now);
+        Ok(epoch)
+    }
+
+    /// Processes a proposal or commit relayed by the delivery service.
+    /// On error the group state is unchanged.
+    pub fn handle(&mut self, message: &[u8], now: Instant) -> Result<Vec<AgentEvent>, AgentError> {
+        let msg = decode(message)?;
+        let group = self.group.as_mut().ok_or(AgentError::NotInGroup)?;
+        let before: Vec<(u32, Vec<u8>)> = group
+            .roster()
+            .members_iter()
+            .map(|m| {
+                (
+                    m.index,
+                    m.signing_identity.signature_key.as_bytes().to_vec(),
+                )
+            })
+            .collect();
+        match group.process_incoming_message(msg)? {
+            ReceivedMessage::Proposal(_) => Ok(vec![AgentEvent::ProposalQueued]),
+            ReceivedMessage::Commit(desc) => match desc.effect {
+                CommitEffect::NewEpoch(_) => {
+                    let epoch = self.install_current_epoch(now)?;
+                    let after: Vec<(u32, Vec<u8>)> = self
+                        .group()?
+                        .roster()
+                        .members_iter()
+                        .map(|m| {
+                            (
+                                m.index,
+                                m.signing_identity.signature_key.as_bytes().to_vec(),
+                            )
+                        })
+                        .collect();
+                    let added = after
+                        .iter()
+                        .filter(|m| !before.contains(m))
+                        .map(|m| m.0)
+                        .collect();
+                    let removed = before
+                        .iter()
+                        .filter(|m| !after.iter().any(|a| a.0 == m.0))
+                        .map(|m| m.0)
+                        .collect();
+                    Ok(vec![AgentEvent::EpochChanged {
+                        epoch,
+                        added,
+                        removed,
+                    }])
+                }
+                CommitEffect::Removed { .. } => {
+                    self.group = None;
+                    self.crypto.clear();
+                    Ok(vec![AgentEvent::Removed])
+                }
+                CommitEffect::ReInit(_) => Err(AgentError::UnexpectedMessage("reinit")),
+            },
+            ReceivedMessage::ApplicationMessage(_) => {
+                Err(AgentError::UnexpectedMessage("application message"))
+            }
+            ReceivedMessage::GroupInfo(_) => Err(AgentError::UnexpectedMessage("group info")),
+            ReceivedMessage::Welcome => Err(AgentError::UnexpectedMessage("welcome")),
+            ReceivedMessage::KeyPackage(_) => Err(AgentError::UnexpectedMessage("key package")),
+        }
+    }
+
+    /// As the designated committer: commits every queued proposal. Returns
+    /// `None` when nothing is queued. The commit takes effect when the
+    /// delivery service relays it back ([`MlsAgent::handle`]); if it loses to
+    /// another commit, call [`MlsAgent::discard_pending_commit`].
+    pub fn commit_pending(&mut self) -> Result<Option<CommitBundle>, AgentError> {
+        let group = self.group.as_mut().ok_or(AgentError::NotInGroup)?;
+        if group.has_pending_commit() {
+            return Err(AgentError::CommitPending);
+        }
+        if !group.commit_required() {
+            return Ok(None);
+        }
+        let epoch = group.current_epoch();
+        let out = group.commit_builder().build()?;
+        let welcome = match out.welcome_messages.first() {
+            Some(w) => Some(w.to_bytes()?),
+            None => None,
+        };
+        Ok(Some(CommitBundle {
+            epoch,
+            commit: out.commit_message.to_bytes()?,
+            welcome,
+        }))
+    }
+
+    /// Forgets a commit the delivery service refused.
+    pub fn discard_pending_commit(&mut self) {
+        if let Some(g) = self.group.as_mut() {
+            g.clear_pending_commit();
+        }
+    }
+
+    /// The group has moved to `epoch`: send in it from now on.
+    pub fn switch_sending(&mut self, epoch: u64) -> Result<Vec<AgentEvent>, AgentError> {
+        if self.crypto.send_epoch() == Some(epoch) {
+            return Ok(Vec::new());
+        }
+        self.crypto.switch_sending(epoch)?;
+        Ok(vec![
+            AgentEvent::SendingSwitched { epoch },
+            AgentEvent::KeyFrameRequested,
+        ])
+    }
+
+    /// The current MLS epoch, if in a group.
+    pub fn epoch(&self) -> Option<u64> {
+        self.group.as_ref().map(Group::current_epoch)
+    }
+
+    /// This member's leaf index.
+    pub fn leaf_index(&self) -> Option<u32> {
+        self.group.as_ref().map(Group::current_member_index)
+    }
+
+    /// A GroupInfo (ratchet tree included) for the delivery service to track the group.
+    pub fn group_info(&self) -> Result<Vec<u8>, AgentError> {
+        Ok(self.group()?.group_info_message(true)?.to_bytes()?)
+    }
+
+    /// The members of the current epoch.
+    pub fn roster(&self) -> Result<Vec<RosterEntry>, AgentError> {
+        self.group()?
+            .roster()
+            .members_iter()
+            .map(|m| {
+                Ok(RosterEntry {
+                    leaf: m.index,
+                    principal: Principal::of(&m.signing_identity)?,
+                    identity_key: m.signing_identity.signature_key.as_bytes().to_vec(),
+                })
+            })
+            .collect()
+    }
+
+    /// The call's epoch code (from the MLS epoch authenticator).
+    pub fn epoch_code(&self) -> Result<String, AgentError> {
+        let auth = self.group()?.epoch_authenticator()?;
+        Ok(verify::epoch_code(auth.as_bytes()))
+    }
+
+    /// The safety number between this device and the member at `leaf`.
+    pub fn safety_number_with(&self, leaf: u32) -> Result<String, AgentError> {
+        let other = self
+            .group()?
+            .member_at_index(leaf)
+            .ok_or(AgentError::NoSuchMember(leaf))?;
+        let their_user = match Principal::of(&other.signing_identity)? {
+            Principal::Member { user_id, .. } => user_id,
+            Principal::Server { .. } => {
+                return Err(AgentError::Identity(
+                    conclave_protocol::mls::IdentityError::Invalid,
+                ));
+            }
+        };
+        let my_user = match self.identity.principal() {
+            Principal::Member { user_id, .. } => user_id.clone(),
+            Principal::Server { .. } => {
+                return Err(AgentError::Identity(
+                    conclave_protocol::mls::IdentityError::Invalid,
+                ));
+            }
+        };
+        Ok(verify::safety_number(
+            &my_user,
+            self.identity.public_key(),
+            &their_user,
+            other.signing_identity.signature_key.as_bytes(),
+        ))
+    }
+
+    /// Frame protection for this member.
+    pub fn crypto(&mut self) -> &mut CallCrypto {
+        &mut self.crypto
+    }
+}
