@@ -1,0 +1,444 @@
+//! Signaling messages: JSON over one WebSocket per client session.
+//!
+//! Every frame is one JSON object `{"v": 1, "type": "...", ...}`. Requests
+//! may carry an `id` (any u64 the client picks); the reply to that request —
+//! success or [`ServerMessage::Error`] — echoes it. MLS messages travel as
+//! standard base64 with padding. `docs/protocol.md` documents each message.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The largest text frame a client may send (MLS key packages and commits fit well within).
+pub const MAX_CLIENT_MESSAGE: usize = 256 * 1024;
+/// Longest id (call, device, user) accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Bytes carried as base64 in JSON.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Bytes(pub Vec<u8>);
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bytes({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Bytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&B64.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        B64.decode(s.as_bytes())
+            .map(Bytes)
+            .map_err(|_| serde::de::Error::custom("invalid base64"))
+    }
+}
+
+/// A message from a client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientEnvelope {
+    /// Protocol version; must be [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// Request id echoed in the reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// The message.
+    #[serde(flatten)]
+    pub msg: ClientMessage,
+}
+
+/// What a client can ask.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    /// Joins (or, if it has no members, starts) a call with this device.
+    JoinCall {
+        /// The call to join.
+        call_id: String,
+        /// This device's id (unique per user).
+        device_id: String,
+        /// A fresh MLS KeyPackage (cipher suite 1) whose credential names this user and device.
+        key_package: Bytes,
+    },
+    /// The first member's answer to [`ServerMessage::CreateGroup`]: the
+    /// GroupInfo, ratchet tree included, of the group it created.
+    GroupCreated {
+        /// The call.
+        call_id: String,
+        /// MLS GroupInfo message.
+        group_info: Bytes,
+    },
+    /// The committer's answer to [`ServerMessage::CommitRequest`].
+    Commit {
+        /// The call.
+        call_id: String,
+        /// The epoch the commit was built in.
+        epoch: u64,
+        /// MLS PublicMessage commit.
+        commit: Bytes,
+        /// MLS Welcome for the members it adds, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        welcome: Option<Bytes>,
+    },
+    /// The member has processed everything up to `epoch` and holds its keys.
+    EpochAck {
+        /// The call.
+        call_id: String,
+        /// The epoch reached.
+        epoch: u64,
+    },
+    /// Mute state, shown to everyone in the roster.
+    SetMute {
+        /// The call.
+        call_id: String,
+        /// Microphone muted.
+        audio: bool,
+        /// Camera off.
+        video: bool,
+    },
+    /// Leaves the call.
+    LeaveCall {
+        /// The call.
+        call_id: String,
+    },
+    /// Keep-alive; answered with [`ServerMessage::Pong`].
+    Ping,
+}
+
+/// A message from the server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServerEnvelope {
+    /// Protocol version.
+    pub v: u32,
+    /// The request this answers, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// The message.
+    #[serde(flatten)]
+    pub msg: ServerMessage,
+}
+
+/// One member in a roster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterMember {
+    /// User id.
+    pub user_id: String,
+    /// Device id.
+    pub device_id: String,
+    /// MLS leaf index, once in the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaf: Option<u32>,
+    /// Ed25519 identity public key, as in the member's credential.
+    pub identity_key: Bytes,
+    /// Microphone muted.
+    pub audio_muted: bool,
+    /// Camera off.
+    pub video_muted: bool,
+}
+
+/// What the server tells a client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Sent once after the session is authenticated.
+    Ready {
+        /// The authenticated user.
+        user_id: String,
+        /// The server's MLS external-sender signing identity (TLS-encoded
+        /// `SigningIdentity`), to put in the group's `external_senders`.
+        external_sender: Bytes,
+    },
+    /// The join was accepted; MLS messages follow.
+    Joined {
+        /// The call.
+        call_id: String,
+    },
+    /// You are the first member: create the MLS group with this id and the
+    /// server as external sender, then answer with `group_created`.
+    CreateGroup {
+        /// The call.
+        call_id: String,
+        /// The MLS group id to use.
+        group_id: Bytes,
+    },
+    /// An external proposal signed by the server; process it (queue it).
+    Proposal {
+        /// The call.
+        call_id: String,
+        /// The epoch it belongs to.
+        epoch: u64,
+        /// MLS PublicMessage proposal.
+        message: Bytes,
+    },
+    /// You are the committer for `epoch`: commit every queued proposal.
+    CommitRequest {
+        /// The call.
+        call_id: String,
+        /// The epoch to commit in.
+        epoch: u64,
+    },
+    /// The accepted commit that moves the group from `epoch` to `epoch + 1`.
+    Commit {
+        /// The call.
+        call_id: String,
+        /// The epoch the commit was built in.
+        epoch: u64,
+        /// MLS PublicMessage commit.
+        message: Bytes,
+    },
+    /// Your Welcome: join the group from it.
+    Welcome {
+        /// The call.
+        call_id: String,
+        /// The epoch it welcomes into.
+        epoch: u64,
+        /// MLS Welcome.
+        message: Bytes,
+    },
+    /// Every member holds `epoch`: switch sending to it (and send a key frame).
+    EpochReady {
+        /// The call.
+        call_id: String,
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The call's members changed.
+    Roster {
+        /// The call.
+        call_id: String,
+        /// The current epoch.
+        epoch: u64,
+        /// Everyone in the call.
+        members: Vec<RosterMember>,
+    },
+    /// You are no longer in the call.
+    Removed {
+        /// The call.
+        call_id: String,
+        /// Why.
+        reason: RemovalReason,
+    },
+    /// Answer to [`ClientMessage::Ping`].
+    Pong,
+    /// A request failed; nothing changed.
+    Error {
+        /// Machine-readable code.
+        code: ErrorCode,
+        /// Human-readable explanation.
+        message: String,
+    },
+}
+
+/// Why a member left a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemovalReason {
+    /// The member left.
+    Left,
+    /// An administrator removed the user.
+    RemovedByAdmin,
+    /// The connection was lost.
+    Disconnected,
+}
+
+/// Error codes, stable across versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, unknown type or fields, bad base64, or a field out of range.
+    BadRequest,
+    /// The `v` field names a version this server does not speak.
+    UnsupportedVersion,
+    /// Missing or invalid credentials.
+    Unauthorized,
+    /// The user's security-group policy forbids this.
+    Forbidden,
+    /// No such call, or not a member of it.
+    NotFound,
+    /// The call is at its size limit.
+    CallFull,
+    /// A commit for an epoch that is already decided; fetch the winner and retry.
+    StaleEpoch,
+    /// This member is not the committer for that epoch.
+    NotCommitter,
+    /// The MLS message did not validate.
+    InvalidMls,
+    /// Too many messages; the session will be closed if it continues.
+    RateLimited,
+    /// A server fault; nothing changed.
+    Internal,
+}
+
+/// Why a client message was refused before any state was touched.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Larger than [`MAX_CLIENT_MESSAGE`].
+    #[error("message of {0} bytes exceeds {max}", max = MAX_CLIENT_MESSAGE)]
+    TooLarge(usize),
+    /// Not a valid message.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    /// Unsupported version.
+    #[error("unsupported protocol version {0}")]
+    Version(u32),
+    /// An id is empty, too long or has characters outside `[A-Za-z0-9._@+-]`.
+    #[error("invalid id in field {0}")]
+    BadId(&'static str),
+}
+
+impl DecodeError {
+    /// The error code to reply with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Version(_) => ErrorCode::UnsupportedVersion,
+            _ => ErrorCode::BadRequest,
+        }
+    }
+}
+
+/// Whether `s` is a valid call, user or device id.
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+'))
+}
+
+fn check_id(s: &str, field: &'static str) -> Result<(), DecodeError> {
+    if valid_id(s) {
+        Ok(())
+    } else {
+        Err(DecodeError::BadId(field))
+    }
+}
+
+impl ClientEnvelope {
+    /// Parses and validates one client frame.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        if text.len() > MAX_CLIENT_MESSAGE {
+            return Err(DecodeError::TooLarge(text.len()));
+        }
+        // Check the version before the body so an old or new client gets a
+        // precise answer.
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            v: u32,
+        }
+        let v: VersionOnly =
+            serde_json::from_str(text).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        if v.v != PROTOCOL_VERSION {
+            return Err(DecodeError::Version(v.v));
+        }
+        let env: Self =
+            serde_json::from_str(text).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        match &env.msg {
+            ClientMessage::JoinCall {
+                call_id,
+                device_id,
+                key_package,
+            } => {
+                check_id(call_id, "call_id")?;
+                check_id(device_id, "device_id")?;
+                if key_package.0.is_empty() {
+                    return Err(DecodeError::Invalid("empty key_package".into()));
+                }
+            }
+            ClientMessage::GroupCreated { call_id, .. }
+            | ClientMessage::Commit { call_id, .. }
+            | ClientMessage::EpochAck { call_id, .. }
+            | ClientMessage::SetMute { call_id, .. }
+            | ClientMessage::LeaveCall { call_id } => check_id(call_id, "call_id")?,
+            ClientMessage::Ping => {}
+        }
+        Ok(env)
+    }
+
+    /// Encodes a client frame (for clients and tests).
+    pub fn encode(id: Option<u64>, msg: ClientMessage) -> String {
+        let env = Self {
+            v: PROTOCOL_VERSION,
+            id,
+            msg,
+        };
+        // Serializing these plain data types cannot fail.
+        serde_json::to_string(&env).unwrap_or_default()
+    }
+}
+
+impl ServerEnvelope {
+    /// Encodes a server frame.
+    pub fn encode(id: Option<u64>, msg: ServerMessage) -> String {
+        let env = Self {
+            v: PROTOCOL_VERSION,
+            id,
+            msg,
+        };
+        serde_json::to_string(&env).unwrap_or_default()
+    }
+
+    /// Parses a server frame (for clients and tests).
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        serde_json::from_str(text).map_err(|e| DecodeError::Invalid(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_a_join() {
+        let text = ClientEnvelope::encode(
+            Some(7),
+            ClientMessage::JoinCall {
+                call_id: "c1".into(),
+                device_id: "laptop".into(),
+                key_package: Bytes(vec![1, 2, 3]),
+            },
+        );
+        assert_eq!(
+            text,
+            r#"{"v":1,"id":7,"type":"join_call","call_id":"c1","device_id":"laptop","key_package":"AQID"}"#
+        );
+        let env = ClientEnvelope::decode(&text).unwrap();
+        assert_eq!(env.id, Some(7));
+    }
+
+    #[test]
+    fn rejects_bad_input_with_typed_errors() {
+        assert_eq!(
+            ClientEnvelope::decode(r#"{"v":2,"type":"ping"}"#),
+            Err(DecodeError::Version(2))
+        );
+        assert!(matches!(
+            ClientEnvelope::decode(r#"{"v":1,"type":"nope"}"#),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            ClientEnvelope::decode(r#"{"v":1,"type":"ping","extra":1}"#),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            ClientEnvelope::decode(
+                r#"{"v":1,"type":"join_call","call_id":"a b","device_id":"d","key_package":"AQID"}"#
+            ),
+            Err(DecodeError::BadId("call_id"))
+        ));
+        assert!(matches!(
+            ClientEnvelope::decode(
+                r#"{"v":1,"type":"join_call","call_id":"a","device_id":"d","key_package":"!!"}"#
+            ),
+            Err(DecodeError::Invalid(_))
+        ));
+        let big = format!(r#"{{"v":1,"type":"ping","pad":"{}"}}"#, "x".repeat(MAX_CLIENT_MESSAGE));
+        assert!(matches!(ClientEnvelope::decode(&big), Err(DecodeError::TooLarge(_))));
+        assert!(ClientEnvelope::decode("not json").is_err());
+    }
+}
