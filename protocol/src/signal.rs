@@ -109,7 +109,7 @@ pub enum ClientMessage {
         call_id: String,
     },
     /// Keep-alive; answered with [`ServerMessage::Pong`].
-    Ping,
+    Ping {},
 }
 
 /// A message from the server.
@@ -325,19 +325,33 @@ impl ClientEnvelope {
         if text.len() > MAX_CLIENT_MESSAGE {
             return Err(DecodeError::TooLarge(text.len()));
         }
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        let serde_json::Value::Object(mut map) = value else {
+            return Err(DecodeError::Invalid("expected a JSON object".into()));
+        };
         // Check the version before the body so an old or new client gets a
         // precise answer.
-        #[derive(Deserialize)]
-        struct VersionOnly {
-            v: u32,
+        let v = map
+            .remove("v")
+            .ok_or_else(|| DecodeError::Invalid("missing field `v`".into()))?;
+        let v = v
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| DecodeError::Invalid("`v` must be an unsigned integer".into()))?;
+        if v != PROTOCOL_VERSION {
+            return Err(DecodeError::Version(v));
         }
-        let v: VersionOnly =
-            serde_json::from_str(text).map_err(|e| DecodeError::Invalid(e.to_string()))?;
-        if v.v != PROTOCOL_VERSION {
-            return Err(DecodeError::Version(v.v));
-        }
-        let env: Self =
-            serde_json::from_str(text).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        let id =
+            match map.remove("id") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(id) => Some(id.as_u64().ok_or_else(|| {
+                    DecodeError::Invalid("`id` must be an unsigned integer".into())
+                })?),
+            };
+        let msg = ClientMessage::deserialize(serde_json::Value::Object(map))
+            .map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        let env = Self { v, id, msg };
         match &env.msg {
             ClientMessage::JoinCall {
                 call_id,
@@ -355,7 +369,7 @@ impl ClientEnvelope {
             | ClientMessage::EpochAck { call_id, .. }
             | ClientMessage::SetMute { call_id, .. }
             | ClientMessage::LeaveCall { call_id } => check_id(call_id, "call_id")?,
-            ClientMessage::Ping => {}
+            ClientMessage::Ping {} => {}
         }
         Ok(env)
     }
@@ -437,8 +451,14 @@ mod tests {
             ),
             Err(DecodeError::Invalid(_))
         ));
-        let big = format!(r#"{{"v":1,"type":"ping","pad":"{}"}}"#, "x".repeat(MAX_CLIENT_MESSAGE));
-        assert!(matches!(ClientEnvelope::decode(&big), Err(DecodeError::TooLarge(_))));
+        let big = format!(
+            r#"{{"v":1,"type":"ping","pad":"{}"}}"#,
+            "x".repeat(MAX_CLIENT_MESSAGE)
+        );
+        assert!(matches!(
+            ClientEnvelope::decode(&big),
+            Err(DecodeError::TooLarge(_))
+        ));
         assert!(ClientEnvelope::decode("not json").is_err());
     }
 }

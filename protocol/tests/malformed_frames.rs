@@ -77,7 +77,8 @@ proptest! {
         let res = r.decrypt(Instant::now(), Codec::Vp8, &tampered, &mut out);
         prop_assert!(res.is_err(), "flip at {} accepted", at);
         if let Err(e) = res {
-            prop_assert!(!matches!(e, SframeError::BufferTooSmall { .. }));
+            let too_small = matches!(e, SframeError::BufferTooSmall { .. });
+            prop_assert!(!too_small, "unexpected {:?}", e);
         }
 
         let d = r.decrypt(Instant::now(), Codec::Vp8, ct, &mut out).unwrap();

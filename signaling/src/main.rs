@@ -1,15 +1,17 @@
 //! `conclave`: the all-in-one server.
-//!
-//! Today it serves the status page and a health check; accounts, calls, the
-//! MLS delivery service and the embedded SFU arrive with issues 3 and 4.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use axum::Router;
-use axum::response::Html;
-use axum::routing::get;
 use clap::Parser;
+use conclave_protocol::mls::{Identity, Principal};
+use conclave_signaling::auth::Tokens;
+use conclave_signaling::hub::Hub;
+use conclave_signaling::metrics::Metrics;
+use conclave_signaling::sfu::NoSfu;
+use conclave_signaling::{AppState, CallConfig, router};
 use tracing_subscriber::EnvFilter;
 
 /// Conclave server.
@@ -19,12 +21,16 @@ struct Args {
     /// Address for HTTP (web app, API, WebSocket).
     #[arg(long, env = "CONCLAVE_HTTP", default_value = "127.0.0.1:8080")]
     http: SocketAddr,
+    /// Name of this deployment (the MLS external sender's credential).
+    #[arg(long, env = "CONCLAVE_NAME", default_value = "conclave")]
+    name: String,
+    /// Membership changes are batched for this long (ms) into one commit.
+    #[arg(long, env = "CONCLAVE_BATCH_MS", default_value_t = 200)]
+    batch_ms: u64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "CONCLAVE_LOG_JSON")]
     log_json: bool,
 }
-
-const STATUS_PAGE: &str = include_str!("status.html");
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -39,14 +45,25 @@ async fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
 
-    let app = Router::new()
-        .route("/", get(|| async { Html(STATUS_PAGE) }))
-        .route("/healthz", get(|| async { "ok" }));
+    let server = Identity::generate(Principal::server(&args.name)?)?;
+    let mut secret = [0u8; 32];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut secret);
+    let metrics = Arc::new(Metrics::new()?);
+    let config = CallConfig {
+        batch_window: Duration::from_millis(args.batch_ms),
+        ..CallConfig::default()
+    };
+    let state = AppState {
+        hub: Hub::new(server, config, Arc::new(NoSfu), metrics.clone()),
+        tokens: Tokens::new(&secret, Duration::from_secs(15 * 60)),
+        metrics,
+    };
+
     let listener = tokio::net::TcpListener::bind(args.http)
         .await
         .with_context(|| format!("binding {}", args.http))?;
     tracing::info!(addr = %args.http, "conclave listening; open http://{}/", args.http);
-    axum::serve(listener, app)
+    axum::serve(listener, router(state))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

@@ -7,6 +7,7 @@
 //! [`DsError::StaleEpoch`]. It never holds a group secret.
 
 use mls_rs::MlsMessage;
+use mls_rs::extension::built_in::ExternalSendersExt;
 use mls_rs::external_client::builder::{
     ExternalBaseConfig, WithCryptoProvider, WithIdentityProvider,
 };
@@ -14,7 +15,7 @@ use mls_rs::external_client::{ExternalClient, ExternalGroup, ExternalReceivedMes
 use mls_rs::group::CommitEffect;
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
 
-use super::identity::{ConclaveIdentityProvider, Identity, Principal};
+use super::identity::{ConclaveIdentityProvider, Identity, MLS_SUITE, Principal};
 
 /// mls-rs configuration of the delivery service.
 pub type DsConfig = WithCryptoProvider<
@@ -42,6 +43,45 @@ pub enum DsError {
     /// MLS validation failed.
     #[error("MLS: {0}")]
     Mls(#[from] mls_rs::error::MlsError),
+}
+
+/// What the delivery service learns from a joiner's key package.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyPackageInfo {
+    /// The user and device its credential names.
+    pub principal: Principal,
+    /// Its Ed25519 identity public key.
+    pub identity_key: Vec<u8>,
+}
+
+fn external_client(server: Option<&Identity>) -> ExternalClient<DsConfig> {
+    let b = ExternalClient::builder()
+        .identity_provider(ConclaveIdentityProvider)
+        .crypto_provider(RustCryptoProvider::default());
+    match server {
+        Some(id) => b
+            .signer(id.secret().clone(), id.signing_identity().clone())
+            .build(),
+        None => b.build(),
+    }
+}
+
+/// Fully validates a key package (signature, lifetime, cipher suite 1, a
+/// Conclave member credential) and says whom it names.
+pub fn validate_key_package(bytes: &[u8]) -> Result<KeyPackageInfo, DsError> {
+    let msg = decode(bytes)?;
+    let kp = external_client(None).validate_key_package(msg, None)?;
+    if kp.cipher_suite() != MLS_SUITE {
+        return Err(DsError::Unexpected("a cipher suite 1 key package"));
+    }
+    let id = kp.signing_identity();
+    match Principal::of(id) {
+        Ok(p @ Principal::Member { .. }) => Ok(KeyPackageInfo {
+            principal: p,
+            identity_key: id.signature_key.as_bytes().to_vec(),
+        }),
+        _ => Err(DsError::Unexpected("a member credential")),
+    }
 }
 
 /// What an accepted commit did.
@@ -74,18 +114,29 @@ impl DeliveryGroup {
     /// Starts tracking a group from the GroupInfo (ratchet tree included)
     /// its creator uploaded; `server` signs the external proposals.
     pub fn observe(server: &Identity, group_info: &[u8]) -> Result<Self, DsError> {
-        let client = ExternalClient::builder()
-            .identity_provider(ConclaveIdentityProvider)
-            .crypto_provider(RustCryptoProvider::default())
-            .signer(server.secret().clone(), server.signing_identity().clone())
-            .build();
-        let group = client.observe_group(decode(group_info)?, None, None)?;
+        let group = external_client(Some(server)).observe_group(decode(group_info)?, None, None)?;
         Ok(Self { group })
     }
 
     /// The group's current epoch.
     pub fn epoch(&self) -> u64 {
         self.group.group_context().epoch
+    }
+
+    /// The MLS group id.
+    pub fn group_id(&self) -> &[u8] {
+        &self.group.group_context().group_id
+    }
+
+    /// Whether the group names `server` in its `external_senders` extension.
+    pub fn has_external_sender(&self, server: &Identity) -> bool {
+        self.group
+            .group_context()
+            .extensions
+            .get_as::<ExternalSendersExt>()
+            .ok()
+            .flatten()
+            .is_some_and(|ext| ext.allowed_senders.contains(server.signing_identity()))
     }
 
     /// Members of the current epoch: leaf index and principal.

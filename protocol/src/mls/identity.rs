@@ -178,6 +178,23 @@ impl Identity {
     }
 }
 
+/// TLS-encodes a signing identity (for the `external_sender` field of `ready`).
+pub fn encode_signing_identity(id: &SigningIdentity) -> Result<Vec<u8>, IdentityError> {
+    use mls_rs::mls_rs_codec::MlsEncode;
+    id.mls_encode_to_vec().map_err(|_| IdentityError::Invalid)
+}
+
+/// Decodes a TLS-encoded signing identity.
+pub fn decode_signing_identity(bytes: &[u8]) -> Result<SigningIdentity, IdentityError> {
+    use mls_rs::mls_rs_codec::MlsDecode;
+    let mut rest = bytes;
+    let id = SigningIdentity::mls_decode(&mut rest).map_err(|_| IdentityError::Invalid)?;
+    if !rest.is_empty() {
+        return Err(IdentityError::Invalid);
+    }
+    Ok(id)
+}
+
 /// Accepts only Conclave credentials: members as leaves, the server as
 /// external sender. A member's successor must name the same user and device.
 #[derive(Clone, Copy, Debug, Default)]

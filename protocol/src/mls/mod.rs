@@ -5,5 +5,8 @@
 pub mod ds;
 pub mod identity;
 
-pub use ds::{AcceptedCommit, DeliveryGroup, DsError};
-pub use identity::{ConclaveIdentityProvider, Identity, IdentityError, MLS_SUITE, Principal};
+pub use ds::{AcceptedCommit, DeliveryGroup, DsError, KeyPackageInfo, validate_key_package};
+pub use identity::{
+    ConclaveIdentityProvider, Identity, IdentityError, MLS_SUITE, Principal,
+    decode_signing_identity, encode_signing_identity,
+};

@@ -1,0 +1,811 @@
+//! One call's state machine: membership, the MLS delivery service, commit
+//! ordering, batching and epoch readiness.
+//!
+//! Pure logic: every input carries `now` and returns the messages to send,
+//! so the whole protocol is testable without sockets. The async side
+//! ([`crate::hub`]) owns one of these per call in a task and delivers the
+//! output.
+//!
+//! Flow: the first joiner is asked to create the group (`create_group`) and
+//! uploads its GroupInfo. Later joins and leaves are queued; when the batch
+//! window has passed and no commit is in flight, the server signs one
+//! external proposal per change, relays them to every member and asks one
+//! committer (the longest-present member) to commit. The first valid commit
+//! for the epoch is accepted and relayed; the Welcome goes only to the
+//! joiners. When every member has acknowledged the new epoch (or the ack
+//! timeout passes) everyone is told `epoch_ready` and switches sending keys.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use conclave_protocol::mls::{DeliveryGroup, DsError, Identity, KeyPackageInfo, Principal};
+use conclave_protocol::signal::{Bytes, ErrorCode, RemovalReason, RosterMember, ServerMessage};
+
+/// A client session's id, unique for the server's lifetime.
+pub type SessionId = u64;
+
+/// Timing and size settings of calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallConfig {
+    /// How long membership changes are collected before one commit.
+    pub batch_window: Duration,
+    /// How long a committer has before another member is asked.
+    pub commit_timeout: Duration,
+    /// How long to wait for every member's ack before `epoch_ready`.
+    pub ack_timeout: Duration,
+    /// How long the first member has to upload its GroupInfo.
+    pub create_timeout: Duration,
+}
+
+impl Default for CallConfig {
+    fn default() -> Self {
+        Self {
+            batch_window: Duration::from_millis(200),
+            commit_timeout: Duration::from_secs(5),
+            ack_timeout: Duration::from_secs(2),
+            create_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A message for one session.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outbound {
+    /// The recipient.
+    pub to: SessionId,
+    /// The request id it answers, if any.
+    pub reply_to: Option<u64>,
+    /// The message.
+    pub msg: ServerMessage,
+}
+
+/// What a call tells its driver besides messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallEvent {
+    /// The group moved to a new epoch (the SFU requests key frames).
+    EpochChanged {
+        /// The new epoch.
+        epoch: u64,
+        /// Time from the first queued change to the accepted commit.
+        commit_latency: Duration,
+        /// Bytes of MLS handshake sent for this rekey.
+        fanout_bytes: usize,
+        /// Members after the commit.
+        members: usize,
+    },
+    /// A session is no longer in the call and should be told so.
+    SessionLeft(SessionId),
+}
+
+#[derive(Clone, Debug)]
+struct Member {
+    session: SessionId,
+    principal: Principal,
+    user_id: String,
+    device_id: String,
+    identity_key: Vec<u8>,
+    key_package: Vec<u8>,
+    leaf: Option<u32>,
+    audio_muted: bool,
+    video_muted: bool,
+    /// Leaving: removed at the next commit.
+    leaving: Option<RemovalReason>,
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    /// Nobody has created the group yet.
+    Empty,
+    /// Waiting for the creator's GroupInfo.
+    Creating {
+        creator: SessionId,
+        deadline: Instant,
+    },
+    /// The group exists; no commit in flight.
+    Idle,
+    /// Proposals sent; waiting for the committer.
+    Committing {
+        epoch: u64,
+        committer: SessionId,
+        deadline: Instant,
+        tried: Vec<SessionId>,
+        joiners: Vec<SessionId>,
+        leavers: Vec<SessionId>,
+    },
+}
+
+struct AckWait {
+    epoch: u64,
+    waiting: HashSet<SessionId>,
+    deadline: Instant,
+}
+
+/// One call.
+pub struct Call {
+    call_id: String,
+    group_id: Vec<u8>,
+    config: CallConfig,
+    server: Identity,
+    ds: Option<DeliveryGroup>,
+    /// In order of arrival: the first in-group member is the longest present.
+    members: Vec<Member>,
+    phase: Phase,
+    batch_since: Option<Instant>,
+    /// When the changes in the commit in flight were first queued.
+    batch_started: Option<Instant>,
+    /// Leaves with no session (a joiner that left while being added).
+    orphans: Vec<u32>,
+    acks: Option<AckWait>,
+    commits: u64,
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("call_id", &self.call_id)
+            .field("members", &self.members.len())
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A refused request: nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Code for the client.
+    pub code: ErrorCode,
+    /// Explanation for a person.
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+type Step = Result<(Vec<Outbound>, Vec<CallEvent>), Refusal>;
+
+fn out(to: SessionId, msg: ServerMessage) -> Outbound {
+    Outbound {
+        to,
+        reply_to: None,
+        msg,
+    }
+}
+
+fn message_len(msg: &ServerMessage) -> usize {
+    match msg {
+        ServerMessage::Proposal { message, .. }
+        | ServerMessage::Commit { message, .. }
+        | ServerMessage::Welcome { message, .. } => message.0.len(),
+        _ => 0,
+    }
+}
+
+impl Call {
+    /// A new, empty call.
+    pub fn new(call_id: String, group_id: Vec<u8>, server: Identity, config: CallConfig) -> Self {
+        Self {
+            call_id,
+            group_id,
+            config,
+            server,
+            ds: None,
+            members: Vec::new(),
+            phase: Phase::Empty,
+            batch_since: None,
+            batch_started: None,
+            orphans: Vec::new(),
+            acks: None,
+            commits: 0,
+        }
+    }
+
+    /// The call's id.
+    pub fn id(&self) -> &str {
+        &self.call_id
+    }
+
+    /// Sessions in the call (joined or joining).
+    pub fn sessions(&self) -> Vec<SessionId> {
+        self.members.iter().map(|m| m.session).collect()
+    }
+
+    /// Number of members (joined or joining).
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether nobody is in the call.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The group's epoch (0 before the group exists).
+    pub fn epoch(&self) -> u64 {
+        self.ds.as_ref().map_or(0, DeliveryGroup::epoch)
+    }
+
+    /// Commits accepted so far.
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
+    /// Sessions of a user in this call.
+    pub fn sessions_of(&self, user_id: &str) -> Vec<SessionId> {
+        self.members
+            .iter()
+            .filter(|m| m.user_id == user_id)
+            .map(|m| m.session)
+            .collect()
+    }
+
+    fn member(&self, session: SessionId) -> Option<&Member> {
+        self.members.iter().find(|m| m.session == session)
+    }
+
+    fn member_mut(&mut self, session: SessionId) -> Option<&mut Member> {
+        self.members.iter_mut().find(|m| m.session == session)
+    }
+
+    fn in_group(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().filter(|m| m.leaf.is_some())
+    }
+
+    /// The roster message for everyone.
+    fn roster(&self) -> ServerMessage {
+        ServerMessage::Roster {
+            call_id: self.call_id.clone(),
+            epoch: self.epoch(),
+            members: self
+                .members
+                .iter()
+                .filter(|m| m.leaving.is_none())
+                .map(|m| RosterMember {
+                    user_id: m.user_id.clone(),
+                    device_id: m.device_id.clone(),
+                    leaf: m.leaf,
+                    identity_key: Bytes(m.identity_key.clone()),
+                    audio_muted: m.audio_muted,
+                    video_muted: m.video_muted,
+                })
+                .collect(),
+        }
+    }
+
+    fn to_all(&self, msg: &ServerMessage) -> Vec<Outbound> {
+        self.members
+            .iter()
+            .map(|m| out(m.session, msg.clone()))
+            .collect()
+    }
+
+    /// A session asks to join with a validated key package.
+    pub fn join(
+        &mut self,
+        session: SessionId,
+        user_id: &str,
+        device_id: &str,
+        kp: KeyPackageInfo,
+        key_package: Vec<u8>,
+        now: Instant,
+    ) -> Step {
+        let principal = Principal::member(user_id, device_id)
+            .map_err(|_| Refusal::new(ErrorCode::BadRequest, "invalid user or device id"))?;
+        if kp.principal != principal {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                "the key package's credential names another user or device",
+            ));
+        }
+        if self.members.iter().any(|m| m.session == session) {
+            return Err(Refusal::new(ErrorCode::BadRequest, "already in this call"));
+        }
+        if self
+            .members
+            .iter()
+            .any(|m| m.principal == principal && m.leaving.is_none())
+        {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "this device is already in the call from another session",
+            ));
+        }
+        self.members.push(Member {
+            session,
+            principal,
+            user_id: user_id.to_owned(),
+            device_id: device_id.to_owned(),
+            identity_key: kp.identity_key,
+            key_package,
+            leaf: None,
+            audio_muted: false,
+            video_muted: false,
+            leaving: None,
+        });
+        let mut msgs = vec![out(
+            session,
+            ServerMessage::Joined {
+                call_id: self.call_id.clone(),
+            },
+        )];
+        if matches!(self.phase, Phase::Empty) {
+            msgs.extend(self.start_creation(session, now));
+        } else {
+            self.batch_since.get_or_insert(now);
+        }
+        Ok((msgs, Vec::new()))
+    }
+
+    fn start_creation(&mut self, creator: SessionId, now: Instant) -> Vec<Outbound> {
+        self.phase = Phase::Creating {
+            creator,
+            deadline: now + self.config.create_timeout,
+        };
+        vec![out(
+            creator,
+            ServerMessage::CreateGroup {
+                call_id: self.call_id.clone(),
+                group_id: Bytes(self.group_id.clone()),
+            },
+        )]
+    }
+
+    /// The creator uploads its group's GroupInfo.
+    pub fn group_created(&mut self, session: SessionId, group_info: &[u8], now: Instant) -> Step {
+        let Phase::Creating { creator, .. } = self.phase else {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "the group already exists",
+            ));
+        };
+        if creator != session {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                "not asked to create the group",
+            ));
+        }
+        let ds = DeliveryGroup::observe(&self.server, group_info)
+            .map_err(|e| Refusal::new(ErrorCode::InvalidMls, format!("group info: {e}")))?;
+        let principal = self
+            .member(session)
+            .map(|m| m.principal.clone())
+            .ok_or_else(|| Refusal::new(ErrorCode::NotFound, "not in this call"))?;
+        if ds.epoch() != 0 || ds.members() != vec![(0, principal)] {
+            return Err(Refusal::new(
+                ErrorCode::InvalidMls,
+                "the new group must hold exactly its creator at epoch 0",
+            ));
+        }
+        if ds.group_id() != self.group_id.as_slice() {
+            return Err(Refusal::new(ErrorCode::InvalidMls, "wrong group id"));
+        }
+        if !ds.has_external_sender(&self.server) {
+            return Err(Refusal::new(
+                ErrorCode::InvalidMls,
+                "the group must name this server as its external sender",
+            ));
+        }
+        self.ds = Some(ds);
+        if let Some(m) = self.member_mut(session) {
+            m.leaf = Some(0);
+        }
+        self.phase = Phase::Idle;
+        if self.members.len() > 1 {
+            self.batch_since.get_or_insert(now);
+        }
+        let roster = self.roster();
+        Ok((self.to_all(&roster), Vec::new()))
+    }
+
+    /// A member (or joiner) leaves, by choice, removal or disconnection.
+    pub fn leave(&mut self, session: SessionId, reason: RemovalReason, now: Instant) -> Step {
+        let Some(idx) = self.members.iter().position(|m| m.session == session) else {
+            return Err(Refusal::new(ErrorCode::NotFound, "not in this call"));
+        };
+        let mut msgs = Vec::new();
+        let mut events = vec![CallEvent::SessionLeft(session)];
+        let notice = ServerMessage::Removed {
+            call_id: self.call_id.clone(),
+            reason,
+        };
+        if self.members[idx].leaf.is_none() {
+            // Not in the group yet: just forget it (a commit adding it will be rebuilt).
+            self.members.remove(idx);
+            msgs.push(out(session, notice));
+            if let Phase::Creating { creator, .. } = self.phase
+                && creator == session
+            {
+                self.phase = Phase::Empty;
+                if let Some(next) = self.members.first().map(|m| m.session) {
+                    msgs.extend(self.start_creation(next, now));
+                }
+            }
+            if let Phase::Committing { joiners, .. } = &mut self.phase {
+                joiners.retain(|s| *s != session);
+            }
+        } else {
+            if self.members[idx].leaving.is_some() {
+                return Ok((msgs, Vec::new()));
+            }
+            self.members[idx].leaving = Some(reason);
+            msgs.push(out(session, notice));
+            self.batch_since.get_or_insert(now);
+            // A committer that leaves is replaced now.
+            if let Phase::Committing { committer, .. } = self.phase
+                && committer == session
+            {
+                msgs.extend(self.redesignate(now));
+            }
+        }
+        if self.in_group().all(|m| m.leaving.is_some())
+            && !matches!(self.phase, Phase::Creating { .. })
+        {
+            // Nobody left to hold the group: the call ends; joiners start over.
+            for m in self.members.iter().filter(|m| m.leaf.is_some()) {
+                if m.session != session {
+                    events.push(CallEvent::SessionLeft(m.session));
+                }
+            }
+            self.members.retain(|m| m.leaf.is_none());
+            self.ds = None;
+            self.acks = None;
+            self.phase = Phase::Empty;
+            self.batch_since = None;
+            if let Some(next) = self.members.first().map(|m| m.session) {
+                msgs.extend(self.start_creation(next, now));
+            }
+        }
+        let roster = self.roster();
+        msgs.extend(self.to_all(&roster));
+        Ok((msgs, events))
+    }
+
+    /// The committer's commit for `epoch`.
+    pub fn commit(
+        &mut self,
+        session: SessionId,
+        epoch: u64,
+        commit: &[u8],
+        welcome: Option<&[u8]>,
+        now: Instant,
+    ) -> Step {
+        let current = self.epoch();
+        let Phase::Committing {
+            epoch: want,
+            committer,
+            ref joiners,
+            ref leavers,
+            ..
+        } = self.phase
+        else {
+            let code = if epoch < current {
+                ErrorCode::StaleEpoch
+            } else {
+                ErrorCode::NotCommitter
+            };
+            return Err(Refusal::new(code, "no commit is expected now"));
+        };
+        if epoch != want {
+            return Err(Refusal::new(
+                ErrorCode::StaleEpoch,
+                format!("the group is at epoch {want}"),
+            ));
+        }
+        if session != committer {
+            return Err(Refusal::new(
+                ErrorCode::NotCommitter,
+                "another member is the committer for this epoch",
+            ));
+        }
+        let joiners = joiners.clone();
+        let leavers = leavers.clone();
+        let ds = self
+            .ds
+            .as_mut()
+            .ok_or_else(|| Refusal::new(ErrorCode::Internal, "no group"))?;
+        let accepted = ds.accept_commit(commit).map_err(|e| match e {
+            DsError::StaleEpoch { .. } => Refusal::new(ErrorCode::StaleEpoch, e.to_string()),
+            other => Refusal::new(ErrorCode::InvalidMls, other.to_string()),
+        })?;
+        self.commits += 1;
+        let new_epoch = accepted.epoch;
+
+        // Who is in the group now.
+        let leaves = ds.members();
+        let mut added = Vec::new();
+        for m in &mut self.members {
+            let leaf = leaves
+                .iter()
+                .find(|(_, p)| *p == m.principal)
+                .map(|(l, _)| *l);
+            if m.leaf.is_none() && leaf.is_some() && joiners.contains(&m.session) {
+                added.push(m.session);
+            }
+            if m.leaf.is_some() || joiners.contains(&m.session) {
+                m.leaf = leaf;
+            }
+        }
+        self.orphans = leaves
+            .iter()
+            .filter(|(_, p)| !self.members.iter().any(|m| m.principal == *p))
+            .map(|(l, _)| *l)
+            .collect();
+        let gone: Vec<SessionId> = self
+            .members
+            .iter()
+            .filter(|m| leavers.contains(&m.session) && m.leaf.is_none())
+            .map(|m| m.session)
+            .collect();
+
+        let mut msgs = Vec::new();
+        let commit_msg = ServerMessage::Commit {
+            call_id: self.call_id.clone(),
+            epoch,
+            message: Bytes(commit.to_vec()),
+        };
+        // Every previous member gets the commit, the removed ones included
+        // (so an honest client drops its keys at once).
+        for m in &self.members {
+            if !added.contains(&m.session) && (m.leaf.is_some() || gone.contains(&m.session)) {
+                msgs.push(out(m.session, commit_msg.clone()));
+            }
+        }
+        if let Some(w) = welcome {
+            let welcome_msg = ServerMessage::Welcome {
+                call_id: self.call_id.clone(),
+                epoch: new_epoch,
+                message: Bytes(w.to_vec()),
+            };
+            for s in &added {
+                msgs.push(out(*s, welcome_msg.clone()));
+            }
+        }
+        let mut events = Vec::new();
+        for s in &gone {
+            events.push(CallEvent::SessionLeft(*s));
+        }
+        self.members.retain(|m| !gone.contains(&m.session));
+        // Joiners the commit left out and leavers still present go to the next batch.
+        if !self.orphans.is_empty()
+            || self
+                .members
+                .iter()
+                .any(|m| m.leaf.is_none() || m.leaving.is_some())
+        {
+            self.batch_since = Some(now);
+        }
+
+        let fanout: usize = msgs.iter().map(|o| message_len(&o.msg)).sum();
+        events.push(CallEvent::EpochChanged {
+            epoch: new_epoch,
+            commit_latency: self
+                .batch_started
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+            fanout_bytes: fanout,
+            members: self.in_group().count(),
+        });
+        self.batch_started = None;
+        self.phase = Phase::Idle;
+        self.acks = Some(AckWait {
+            epoch: new_epoch,
+            waiting: self.in_group().map(|m| m.session).collect(),
+            deadline: now + self.config.ack_timeout,
+        });
+        let roster = self.roster();
+        msgs.extend(self.to_all(&roster));
+        // More changes may already be waiting.
+        msgs.extend(self.tick(now).0);
+        Ok((msgs, events))
+    }
+
+    /// A member holds `epoch`.
+    pub fn epoch_ack(&mut self, session: SessionId, epoch: u64) -> Step {
+        let done = match &mut self.acks {
+            Some(w) if epoch >= w.epoch => {
+                w.waiting.remove(&session);
+                w.waiting.is_empty()
+            }
+            _ => false,
+        };
+        if done {
+            return Ok((self.epoch_ready(), Vec::new()));
+        }
+        Ok((Vec::new(), Vec::new()))
+    }
+
+    fn epoch_ready(&mut self) -> Vec<Outbound> {
+        let Some(w) = self.acks.take() else {
+            return Vec::new();
+        };
+        let msg = ServerMessage::EpochReady {
+            call_id: self.call_id.clone(),
+            epoch: w.epoch,
+        };
+        self.in_group()
+            .map(|m| out(m.session, msg.clone()))
+            .collect()
+    }
+
+    /// Mute state changes.
+    pub fn set_mute(&mut self, session: SessionId, audio: bool, video: bool) -> Step {
+        let m = self
+            .member_mut(session)
+            .ok_or_else(|| Refusal::new(ErrorCode::NotFound, "not in this call"))?;
+        m.audio_muted = audio;
+        m.video_muted = video;
+        let roster = self.roster();
+        Ok((self.to_all(&roster), Vec::new()))
+    }
+
+    /// When the call next needs [`Call::tick`].
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let batch = self.batch_since.map(|t| t + self.config.batch_window);
+        let phase = match &self.phase {
+            Phase::Creating { deadline, .. } | Phase::Committing { deadline, .. } => {
+                Some(*deadline)
+            }
+            _ => None,
+        };
+        let ack = self.acks.as_ref().map(|a| a.deadline);
+        [batch, phase, ack].into_iter().flatten().min()
+    }
+
+    /// Runs timers: starts a batch commit, replaces a silent committer or
+    /// creator, or declares an epoch ready after the ack timeout.
+    pub fn tick(&mut self, now: Instant) -> (Vec<Outbound>, Vec<CallEvent>) {
+        let mut msgs = Vec::new();
+        let mut events = Vec::new();
+        if self.acks.as_ref().is_some_and(|a| now >= a.deadline) {
+            msgs.extend(self.epoch_ready());
+        }
+        match self.phase.clone() {
+            Phase::Creating { creator, deadline } if now >= deadline => {
+                // The creator never answered: drop it and ask the next joiner.
+                if let Ok((m, e)) = self.leave(creator, RemovalReason::Disconnected, now) {
+                    msgs.extend(m);
+                    events.extend(e);
+                }
+            }
+            Phase::Committing { deadline, .. } if now >= deadline => {
+                msgs.extend(self.redesignate(now));
+            }
+            Phase::Idle => {
+                let due = self
+                    .batch_since
+                    .is_some_and(|t| now >= t + self.config.batch_window);
+                if due {
+                    msgs.extend(self.start_commit(now));
+                }
+            }
+            _ => {}
+        }
+        (msgs, events)
+    }
+
+    /// The longest-present member still in the group, not leaving, not yet tried.
+    fn pick_committer(&self, tried: &[SessionId]) -> Option<SessionId> {
+        self.in_group()
+            .filter(|m| m.leaving.is_none() && !tried.contains(&m.session))
+            .map(|m| m.session)
+            .next()
+    }
+
+    fn start_commit(&mut self, now: Instant) -> Vec<Outbound> {
+        let joiners: Vec<SessionId> = self
+            .members
+            .iter()
+            .filter(|m| m.leaf.is_none())
+            .map(|m| m.session)
+            .collect();
+        let leavers: Vec<(SessionId, u32)> = self
+            .members
+            .iter()
+            .filter_map(|m| m.leaving.and(m.leaf).map(|l| (m.session, l)))
+            .collect();
+        if joiners.is_empty() && leavers.is_empty() && self.orphans.is_empty() {
+            self.batch_since = None;
+            return Vec::new();
+        }
+        let Some(committer) = self.pick_committer(&[]) else {
+            return Vec::new();
+        };
+        let Some(ds) = self.ds.as_mut() else {
+            return Vec::new();
+        };
+        let epoch = ds.epoch();
+        let mut proposals = Vec::new();
+        let mut msgs = Vec::new();
+        for leaf in leavers
+            .iter()
+            .map(|(_, l)| *l)
+            .chain(self.orphans.iter().copied())
+        {
+            if let Ok(p) = ds.propose_remove(leaf) {
+                proposals.push(p);
+            }
+        }
+        let mut accepted_joiners = Vec::new();
+        for s in &joiners {
+            let Some(m) = self.members.iter().find(|m| m.session == *s) else {
+                continue;
+            };
+            match ds.propose_add(&m.key_package) {
+                Ok(p) => {
+                    proposals.push(p);
+                    accepted_joiners.push(*s);
+                }
+                Err(e) => msgs.push(out(
+                    *s,
+                    ServerMessage::Error {
+                        code: ErrorCode::InvalidMls,
+                        message: format!("key package refused: {e}"),
+                    },
+                )),
+            }
+        }
+        self.batch_started = self.batch_since.take();
+        let call_id = self.call_id.clone();
+        for m in self.in_group().filter(|m| m.leaving.is_none()) {
+            for p in &proposals {
+                msgs.push(out(
+                    m.session,
+                    ServerMessage::Proposal {
+                        call_id: call_id.clone(),
+                        epoch,
+                        message: Bytes(p.clone()),
+                    },
+                ));
+            }
+        }
+        msgs.push(out(
+            committer,
+            ServerMessage::CommitRequest { call_id, epoch },
+        ));
+        self.phase = Phase::Committing {
+            epoch,
+            committer,
+            deadline: now + self.config.commit_timeout,
+            tried: vec![committer],
+            joiners: accepted_joiners,
+            leavers: leavers.into_iter().map(|(s, _)| s).collect(),
+        };
+        msgs
+    }
+
+    /// Asks the next member to commit the same proposals.
+    fn redesignate(&mut self, now: Instant) -> Vec<Outbound> {
+        let Phase::Committing { epoch, tried, .. } = &self.phase else {
+            return Vec::new();
+        };
+        let (epoch, tried) = (*epoch, tried.clone());
+        let Some(next) = self.pick_committer(&tried) else {
+            // Nobody answered: start over with a fresh batch later.
+            self.phase = Phase::Idle;
+            self.batch_since = Some(now);
+            return Vec::new();
+        };
+        if let Phase::Committing {
+            committer,
+            deadline,
+            tried,
+            ..
+        } = &mut self.phase
+        {
+            *committer = next;
+            *deadline = now + self.config.commit_timeout;
+            tried.push(next);
+        }
+        vec![out(
+            next,
+            ServerMessage::CommitRequest {
+                call_id: self.call_id.clone(),
+                epoch,
+            },
+        )]
+    }
+}

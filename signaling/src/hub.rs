@@ -1,0 +1,452 @@
+//! Sessions and calls at run time: one task per call owns its [`Call`]
+//! state machine; sessions talk to it through a channel and receive what it
+//! sends through their own bounded outbox.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use conclave_protocol::mls::{Identity, KeyPackageInfo};
+use conclave_protocol::signal::{ErrorCode, RemovalReason, ServerEnvelope, ServerMessage};
+use tokio::sync::mpsc;
+
+use crate::call::{Call, CallConfig, CallEvent, Outbound, Refusal, SessionId};
+use crate::sfu::SfuControl;
+
+/// Frames queued for a session before it counts as too slow and is closed.
+pub const OUTBOX_CAPACITY: usize = 4096;
+
+/// What a session's writer receives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionFrame {
+    /// A JSON text frame.
+    Text(String),
+    /// Close the connection with this reason.
+    Close(String),
+}
+
+/// An input to a call task.
+#[derive(Debug)]
+pub enum CallInput {
+    /// Join with a validated key package.
+    Join {
+        /// Session.
+        session: SessionId,
+        /// Request id.
+        id: Option<u64>,
+        /// User.
+        user_id: String,
+        /// Device.
+        device_id: String,
+        /// What the key package says.
+        info: KeyPackageInfo,
+        /// The key package.
+        key_package: Vec<u8>,
+    },
+    /// The creator's GroupInfo.
+    GroupCreated {
+        /// Session.
+        session: SessionId,
+        /// Request id.
+        id: Option<u64>,
+        /// GroupInfo.
+        group_info: Vec<u8>,
+    },
+    /// A commit.
+    Commit {
+        /// Session.
+        session: SessionId,
+        /// Request id.
+        id: Option<u64>,
+        /// Epoch.
+        epoch: u64,
+        /// Commit.
+        commit: Vec<u8>,
+        /// Welcome.
+        welcome: Option<Vec<u8>>,
+    },
+    /// Epoch acknowledgement.
+    Ack {
+        /// Session.
+        session: SessionId,
+        /// Epoch.
+        epoch: u64,
+    },
+    /// Mute change.
+    Mute {
+        /// Session.
+        session: SessionId,
+        /// Request id.
+        id: Option<u64>,
+        /// Audio muted.
+        audio: bool,
+        /// Video muted.
+        video: bool,
+    },
+    /// Leave.
+    Leave {
+        /// Session.
+        session: SessionId,
+        /// Request id.
+        id: Option<u64>,
+        /// Why.
+        reason: RemovalReason,
+    },
+}
+
+struct SessionEntry {
+    user_id: String,
+    outbox: mpsc::Sender<SessionFrame>,
+    calls: Vec<String>,
+}
+
+struct HubState {
+    calls: HashMap<String, mpsc::UnboundedSender<CallInput>>,
+    sessions: HashMap<SessionId, SessionEntry>,
+    next_session: SessionId,
+}
+
+/// Shared run-time state of the signaling server.
+#[derive(Clone)]
+pub struct Hub {
+    state: Arc<Mutex<HubState>>,
+    server: Identity,
+    config: CallConfig,
+    sfu: Arc<dyn SfuControl>,
+    stats: Arc<crate::metrics::Metrics>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// A hub whose calls name `server` as their external sender.
+    pub fn new(
+        server: Identity,
+        config: CallConfig,
+        sfu: Arc<dyn SfuControl>,
+        stats: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(HubState {
+                calls: HashMap::new(),
+                sessions: HashMap::new(),
+                next_session: 1,
+            })),
+            server,
+            config,
+            sfu,
+            stats,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        // A panic while holding the lock leaves plain maps behind; keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The server's external-sender identity.
+    pub fn server_identity(&self) -> &Identity {
+        &self.server
+    }
+
+    /// Registers a session; returns its id and the receiver of its outbox.
+    pub fn open_session(&self, user_id: &str) -> (SessionId, mpsc::Receiver<SessionFrame>) {
+        let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
+        let mut st = self.lock();
+        let id = st.next_session;
+        st.next_session += 1;
+        st.sessions.insert(
+            id,
+            SessionEntry {
+                user_id: user_id.to_owned(),
+                outbox: tx,
+                calls: Vec::new(),
+            },
+        );
+        self.stats.sessions.inc();
+        (id, rx)
+    }
+
+    /// Forgets a session and leaves its calls.
+    pub fn close_session(&self, session: SessionId) {
+        let entry = self.lock().sessions.remove(&session);
+        if let Some(e) = entry {
+            self.stats.sessions.dec();
+            for call in e.calls {
+                self.to_call(
+                    &call,
+                    CallInput::Leave {
+                        session,
+                        id: None,
+                        reason: RemovalReason::Disconnected,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Sends one message to a session; a full outbox closes it.
+    pub fn send(&self, session: SessionId, reply_to: Option<u64>, msg: ServerMessage) {
+        let kind = crate::metrics::message_kind(&msg);
+        let text = ServerEnvelope::encode(reply_to, msg);
+        let st = self.lock();
+        if let Some(e) = st.sessions.get(&session) {
+            self.stats.messages_out.with_label_values(&[kind]).inc();
+            if e.outbox.try_send(SessionFrame::Text(text)).is_err() {
+                let _ = e
+                    .outbox
+                    .try_send(SessionFrame::Close("too slow to receive".into()));
+                tracing::warn!(session, "outbox full: closing slow session");
+            }
+        }
+    }
+
+    /// Sends an error reply.
+    pub fn refuse(&self, session: SessionId, reply_to: Option<u64>, r: Refusal) {
+        self.stats
+            .errors
+            .with_label_values(&[crate::metrics::error_kind(r.code)])
+            .inc();
+        self.send(
+            session,
+            reply_to,
+            ServerMessage::Error {
+                code: r.code,
+                message: r.message,
+            },
+        );
+    }
+
+    /// Closes one session's socket.
+    pub fn close_user_session(&self, session: SessionId, reason: &str) {
+        if let Some(e) = self.lock().sessions.get(&session) {
+            let _ = e.outbox.try_send(SessionFrame::Close(reason.to_owned()));
+        }
+    }
+
+    /// Closes every session of a user with a reason; returns how many.
+    pub fn close_user_sessions(&self, user_id: &str, reason: &str) -> usize {
+        let st = self.lock();
+        let mut n = 0;
+        for e in st.sessions.values().filter(|e| e.user_id == user_id) {
+            let _ = e.outbox.try_send(SessionFrame::Close(reason.to_owned()));
+            n += 1;
+        }
+        n
+    }
+
+    /// Removes a user from every call now (forces a rekey in each).
+    pub fn remove_user_everywhere(&self, user_id: &str) -> usize {
+        let targets: Vec<(SessionId, String)> = {
+            let st = self.lock();
+            st.sessions
+                .iter()
+                .filter(|(_, e)| e.user_id == user_id)
+                .flat_map(|(s, e)| e.calls.iter().map(move |c| (*s, c.clone())))
+                .collect()
+        };
+        for (session, call) in &targets {
+            self.to_call(
+                call,
+                CallInput::Leave {
+                    session: *session,
+                    id: None,
+                    reason: RemovalReason::RemovedByAdmin,
+                },
+            );
+        }
+        self.close_user_sessions(user_id, "removed by an administrator");
+        targets.len()
+    }
+
+    /// Routes an input to an existing call.
+    pub fn to_call(&self, call_id: &str, input: CallInput) -> bool {
+        let st = self.lock();
+        match st.calls.get(call_id) {
+            Some(tx) => tx.send(input).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Joins a call, starting its task if it has none.
+    pub fn join(&self, call_id: &str, input: CallInput) {
+        let mut st = self.lock();
+        if let CallInput::Join { session, .. } = &input
+            && let Some(e) = st.sessions.get_mut(session)
+            && !e.calls.iter().any(|c| c == call_id)
+        {
+            e.calls.push(call_id.to_owned());
+        }
+        let tx = st
+            .calls
+            .entry(call_id.to_owned())
+            .or_insert_with(|| self.spawn_call(call_id));
+        if let Err(mpsc::error::SendError(input)) = tx.send(input) {
+            // The task just ended (call emptied): start a fresh one.
+            let tx = self.spawn_call(call_id);
+            let _ = tx.send(input);
+            st.calls.insert(call_id.to_owned(), tx);
+        }
+    }
+
+    /// Number of live calls.
+    pub fn call_count(&self) -> usize {
+        self.lock().calls.len()
+    }
+
+    fn spawn_call(&self, call_id: &str) -> mpsc::UnboundedSender<CallInput> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut group_id = vec![0u8; 16];
+        rand::Rng::fill(&mut rand::thread_rng(), group_id.as_mut_slice());
+        let call = Call::new(
+            call_id.to_owned(),
+            group_id,
+            self.server.clone(),
+            self.config,
+        );
+        self.stats.calls.inc();
+        tokio::spawn(self.clone().run_call(call, rx));
+        tx
+    }
+
+    async fn run_call(self, mut call: Call, mut rx: mpsc::UnboundedReceiver<CallInput>) {
+        loop {
+            let deadline = call.next_deadline();
+            let input = match deadline {
+                Some(d) => {
+                    tokio::select! {
+                        i = rx.recv() => i,
+                        () = tokio::time::sleep_until(d.into()) => {
+                            let (msgs, events) = call.tick(Instant::now());
+                            self.deliver(&call, msgs, events);
+                            continue;
+                        }
+                    }
+                }
+                None => rx.recv().await,
+            };
+            let Some(input) = input else { break };
+            self.handle(&mut call, input);
+            if call.is_empty() {
+                // Close the call unless a join raced in.
+                let mut st = self.lock();
+                if rx.is_empty() {
+                    st.calls.remove(call.id());
+                    drop(st);
+                    self.stats.calls.dec();
+                    tracing::info!(call = call.id(), commits = call.commits(), "call ended");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn handle(&self, call: &mut Call, input: CallInput) {
+        let now = Instant::now();
+        let (session, id, result) = match input {
+            CallInput::Join {
+                session,
+                id,
+                user_id,
+                device_id,
+                info,
+                key_package,
+            } => {
+                let r = call.join(session, &user_id, &device_id, info, key_package, now);
+                if r.is_err() {
+                    self.forget_call(session, call.id());
+                }
+                (session, id, r)
+            }
+            CallInput::GroupCreated {
+                session,
+                id,
+                group_info,
+            } => (session, id, call.group_created(session, &group_info, now)),
+            CallInput::Commit {
+                session,
+                id,
+                epoch,
+                commit,
+                welcome,
+            } => (
+                session,
+                id,
+                call.commit(session, epoch, &commit, welcome.as_deref(), now),
+            ),
+            CallInput::Ack { session, epoch } => (session, None, call.epoch_ack(session, epoch)),
+            CallInput::Mute {
+                session,
+                id,
+                audio,
+                video,
+            } => (session, id, call.set_mute(session, audio, video)),
+            CallInput::Leave {
+                session,
+                id,
+                reason,
+            } => (session, id, call.leave(session, reason, now)),
+        };
+        match result {
+            Ok((mut msgs, events)) => {
+                if let Some(first) = msgs
+                    .iter_mut()
+                    .find(|o| o.to == session && matches!(o.msg, ServerMessage::Joined { .. }))
+                {
+                    first.reply_to = id;
+                }
+                self.deliver(call, msgs, events);
+            }
+            Err(r) => self.refuse(session, id, r),
+        }
+    }
+
+    fn forget_call(&self, session: SessionId, call_id: &str) {
+        if let Some(e) = self.lock().sessions.get_mut(&session) {
+            e.calls.retain(|c| c != call_id);
+        }
+    }
+
+    fn deliver(&self, call: &Call, msgs: Vec<Outbound>, events: Vec<CallEvent>) {
+        for o in msgs {
+            self.send(o.to, o.reply_to, o.msg);
+        }
+        for e in events {
+            match e {
+                CallEvent::EpochChanged {
+                    epoch,
+                    commit_latency,
+                    fanout_bytes,
+                    members,
+                } => {
+                    self.stats
+                        .commit_latency
+                        .observe(commit_latency.as_secs_f64());
+                    self.stats.rekey_fanout_bytes.observe(fanout_bytes as f64);
+                    self.stats.participants.observe(members as f64);
+                    tracing::info!(
+                        call = call.id(),
+                        epoch,
+                        members,
+                        fanout_bytes,
+                        "epoch changed"
+                    );
+                    self.sfu.epoch_changed(call.id(), epoch);
+                }
+                CallEvent::SessionLeft(s) => self.forget_call(s, call.id()),
+            }
+        }
+    }
+}
+
+/// Refusal for a request that never reached a call.
+pub fn refusal(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+    }
+}

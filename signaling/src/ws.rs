@@ -1,0 +1,275 @@
+//! One WebSocket per client session: authenticate, then relay between the
+//! client and the calls it joins. Every inbound frame is validated before it
+//! can touch state; malformed input gets a typed error, floods get
+//! rate-limited and then disconnected.
+
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use conclave_protocol::mls::{encode_signing_identity, validate_key_package};
+use conclave_protocol::signal::{
+    Bytes, ClientEnvelope, ClientMessage, ErrorCode, MAX_CLIENT_MESSAGE, RemovalReason,
+    ServerMessage,
+};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::auth::{Claims, TokenKind};
+use crate::call::SessionId;
+use crate::hub::{CallInput, SessionFrame, refusal};
+
+/// `?token=` on the WebSocket URL (browsers cannot set headers on WebSockets).
+#[derive(Debug, Deserialize)]
+pub struct WsQuery {
+    token: String,
+}
+
+/// `GET /ws?token=...`: upgrades an authenticated client.
+pub async fn upgrade(
+    State(app): State<AppState>,
+    Query(q): Query<WsQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Ok(claims) = app.tokens.verify(&q.token) else {
+        return (StatusCode::UNAUTHORIZED, "invalid or expired token").into_response();
+    };
+    if claims.kind == TokenKind::Admin {
+        return (StatusCode::FORBIDDEN, "admin tokens cannot join calls").into_response();
+    }
+    ws.max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |socket| session(app, claims, socket))
+}
+
+/// Token bucket: `RATE` messages per second, bursts of `BURST`; a session
+/// that keeps flooding after `MAX_STRIKES` refusals is disconnected.
+struct RateLimiter {
+    tokens: f64,
+    last: Instant,
+    strikes: u32,
+}
+
+const RATE: f64 = 50.0;
+const BURST: f64 = 200.0;
+const MAX_STRIKES: u32 = 100;
+
+impl RateLimiter {
+    fn new() -> Self {
+        Self {
+            tokens: BURST,
+            last: Instant::now(),
+            strikes: 0,
+        }
+    }
+
+    /// `Ok` to process, `Err(true)` to disconnect, `Err(false)` to refuse.
+    fn admit(&mut self) -> Result<(), bool> {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * RATE).min(BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.strikes = 0;
+            Ok(())
+        } else {
+            self.strikes += 1;
+            Err(self.strikes > MAX_STRIKES)
+        }
+    }
+}
+
+async fn session(app: AppState, claims: Claims, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let (sid, mut outbox) = app.hub.open_session(&claims.sub);
+    tracing::debug!(session = sid, user = %claims.sub, "session opened");
+    let external_sender =
+        encode_signing_identity(app.hub.server_identity().signing_identity()).unwrap_or_default();
+    app.hub.send(
+        sid,
+        None,
+        ServerMessage::Ready {
+            user_id: claims.sub.clone(),
+            external_sender: Bytes(external_sender),
+        },
+    );
+
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = outbox.recv().await {
+            match frame {
+                SessionFrame::Text(t) => {
+                    if sink.send(Message::Text(t.into())).await.is_err() {
+                        break;
+                    }
+                }
+                SessionFrame::Close(reason) => {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code: 4000,
+                            reason: reason.into(),
+                        })))
+                        .await;
+                    break;
+                }
+            }
+        }
+    });
+
+    let mut limiter = RateLimiter::new();
+    let mut writer = writer;
+    let writer_done = loop {
+        tokio::select! {
+            _ = &mut writer => break true,
+            frame = stream.next() => {
+                let Some(Ok(frame)) = frame else { break false };
+                let text = match frame {
+                    Message::Text(t) => t,
+                    Message::Binary(_) => {
+                        app.hub.refuse(sid, None, refusal(ErrorCode::BadRequest, "binary frames are not part of the protocol"));
+                        continue;
+                    }
+                    Message::Close(_) => break false,
+                    Message::Ping(_) | Message::Pong(_) => continue,
+                };
+                match limiter.admit() {
+                    Ok(()) => handle_text(&app, sid, &claims, text.as_str()),
+                    Err(false) => app.hub.refuse(sid, None, refusal(ErrorCode::RateLimited, "slow down")),
+                    Err(true) => {
+                        tracing::warn!(session = sid, user = %claims.sub, "flooding: disconnecting");
+                        app.hub.close_user_session(sid, "rate limit exceeded");
+                    }
+                }
+            }
+        }
+    };
+    // Forget the session (its calls rekey without it); the writer drains
+    // what is queued, then ends when its outbox closes.
+    app.hub.close_session(sid);
+    if !writer_done
+        && tokio::time::timeout(std::time::Duration::from_secs(2), &mut writer)
+            .await
+            .is_err()
+    {
+        writer.abort();
+    }
+    tracing::debug!(session = sid, "session closed");
+}
+
+fn handle_text(app: &AppState, sid: SessionId, claims: &Claims, text: &str) {
+    let env = match ClientEnvelope::decode(text) {
+        Ok(env) => env,
+        Err(e) => {
+            app.hub.refuse(sid, None, refusal(e.code(), e.to_string()));
+            return;
+        }
+    };
+    app.metrics
+        .messages_in
+        .with_label_values(&[crate::metrics::client_kind(&env.msg)])
+        .inc();
+    let id = env.id;
+    let hub = &app.hub;
+    let routed = |call_id: &str, input: CallInput| {
+        if !hub.to_call(call_id, input) {
+            hub.refuse(sid, id, refusal(ErrorCode::NotFound, "no such call"));
+        }
+    };
+    match env.msg {
+        ClientMessage::Ping {} => hub.send(sid, id, ServerMessage::Pong),
+        ClientMessage::JoinCall {
+            call_id,
+            device_id,
+            key_package,
+        } => {
+            if claims.kind == TokenKind::Guest && claims.call.as_deref() != Some(call_id.as_str()) {
+                hub.refuse(
+                    sid,
+                    id,
+                    refusal(ErrorCode::Forbidden, "this invitation is for another call"),
+                );
+                return;
+            }
+            let info = match validate_key_package(&key_package.0) {
+                Ok(info) => info,
+                Err(e) => {
+                    hub.refuse(
+                        sid,
+                        id,
+                        refusal(ErrorCode::InvalidMls, format!("key package: {e}")),
+                    );
+                    return;
+                }
+            };
+            hub.join(
+                &call_id,
+                CallInput::Join {
+                    session: sid,
+                    id,
+                    user_id: claims.sub.clone(),
+                    device_id,
+                    info,
+                    key_package: key_package.0,
+                },
+            );
+        }
+        ClientMessage::GroupCreated {
+            call_id,
+            group_info,
+        } => routed(
+            &call_id,
+            CallInput::GroupCreated {
+                session: sid,
+                id,
+                group_info: group_info.0,
+            },
+        ),
+        ClientMessage::Commit {
+            call_id,
+            epoch,
+            commit,
+            welcome,
+        } => routed(
+            &call_id,
+            CallInput::Commit {
+                session: sid,
+                id,
+                epoch,
+                commit: commit.0,
+                welcome: welcome.map(|w| w.0),
+            },
+        ),
+        ClientMessage::EpochAck { call_id, epoch } => {
+            routed(
+                &call_id,
+                CallInput::Ack {
+                    session: sid,
+                    epoch,
+                },
+            );
+        }
+        ClientMessage::SetMute {
+            call_id,
+            audio,
+            video,
+        } => routed(
+            &call_id,
+            CallInput::Mute {
+                session: sid,
+                id,
+                audio,
+                video,
+            },
+        ),
+        ClientMessage::LeaveCall { call_id } => routed(
+            &call_id,
+            CallInput::Leave {
+                session: sid,
+                id,
+                reason: RemovalReason::Left,
+            },
+        ),
+    }
+}

@@ -1,0 +1,266 @@
+//! A real server on 127.0.0.1 and real WebSocket clients that run the MLS
+//! agent from the client SDK, reacting to the server as a client would.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use conclave_client::{AgentConfig, AgentEvent, Identity, MlsAgent, Principal};
+use conclave_protocol::mls::decode_signing_identity;
+use conclave_protocol::signal::{
+    Bytes, ClientEnvelope, ClientMessage, ErrorCode, ServerEnvelope, ServerMessage,
+};
+use conclave_signaling::auth::{TokenKind, Tokens};
+use conclave_signaling::hub::Hub;
+use conclave_signaling::metrics::Metrics;
+use conclave_signaling::sfu::NoSfu;
+use conclave_signaling::{AppState, CallConfig, router};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub state: AppState,
+}
+
+pub async fn start(config: CallConfig) -> TestServer {
+    let server = Identity::generate(Principal::server("test-server").unwrap()).unwrap();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let state = AppState {
+        hub: Hub::new(server, config, Arc::new(NoSfu), metrics.clone()),
+        tokens: Tokens::new(
+            b"test secret test secret test sec",
+            Duration::from_secs(600),
+        ),
+        metrics,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(state.clone());
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    TestServer { addr, state }
+}
+
+impl TestServer {
+    pub fn token(&self, user: &str) -> String {
+        self.state.tokens.issue(user, TokenKind::User, None)
+    }
+}
+
+/// What a client has seen, for the test to assert on.
+#[derive(Debug, Default, Clone)]
+pub struct Status {
+    pub joined: bool,
+    pub epoch: Option<u64>,
+    pub ready_epoch: Option<u64>,
+    pub epoch_changed_at: Option<Instant>,
+    pub commits_seen: u64,
+    pub commits_sent: u64,
+    pub roster_len: usize,
+    pub removed: bool,
+    pub errors: Vec<(ErrorCode, String)>,
+    pub epoch_code: Option<String>,
+    pub closed: bool,
+}
+
+pub enum Cmd {
+    Leave,
+    Raw(String),
+    Close,
+}
+
+pub struct ClientHandle {
+    pub user: String,
+    pub status: Arc<Mutex<Status>>,
+    pub cmd: mpsc::UnboundedSender<Cmd>,
+}
+
+impl ClientHandle {
+    pub fn status(&self) -> Status {
+        self.status.lock().unwrap().clone()
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub async fn connect(server: &TestServer, token: &str) -> Result<(Ws, Vec<u8>), String> {
+    let url = format!("ws://{}/ws?token={}", server.addr, token);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let first = ws.next().await.unwrap().unwrap();
+    let env = ServerEnvelope::decode(first.to_text().unwrap()).unwrap();
+    let ServerMessage::Ready {
+        external_sender, ..
+    } = env.msg
+    else {
+        panic!("expected ready, got {:?}", env.msg)
+    };
+    Ok((ws, external_sender.0))
+}
+
+/// Connects as `user`, joins `call`, and keeps reacting in a task.
+pub async fn spawn_member(server: &TestServer, user: &str, call: &str) -> ClientHandle {
+    let (mut ws, external_sender) = connect(server, &server.token(user)).await.unwrap();
+    let identity = Identity::generate(Principal::member(user, "dev1").unwrap()).unwrap();
+    let agent = MlsAgent::new(identity, AgentConfig::default());
+    let kp = agent.key_package().unwrap();
+    ws.send(Message::Text(
+        ClientEnvelope::encode(
+            Some(1),
+            ClientMessage::JoinCall {
+                call_id: call.into(),
+                device_id: "dev1".into(),
+                key_package: Bytes(kp),
+            },
+        )
+        .into(),
+    ))
+    .await
+    .unwrap();
+    let status = Arc::new(Mutex::new(Status::default()));
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(run(
+        ws,
+        agent,
+        external_sender,
+        call.to_owned(),
+        status.clone(),
+        rx,
+    ));
+    ClientHandle {
+        user: user.into(),
+        status,
+        cmd: tx,
+    }
+}
+
+fn text(msg: ClientMessage) -> Message {
+    Message::Text(ClientEnvelope::encode(None, msg).into())
+}
+
+async fn run(
+    mut ws: Ws,
+    mut agent: MlsAgent,
+    external_sender: Vec<u8>,
+    call: String,
+    status: Arc<Mutex<Status>>,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+) {
+    let server_id = decode_signing_identity(&external_sender).unwrap();
+    loop {
+        let frame = tokio::select! {
+            c = cmds.recv() => {
+                match c {
+                    Some(Cmd::Leave) => { let _ = ws.send(text(ClientMessage::LeaveCall { call_id: call.clone() })).await; }
+                    Some(Cmd::Raw(t)) => { let _ = ws.send(Message::Text(t.into())).await; }
+                    Some(Cmd::Close) | None => { let _ = ws.close(None).await; status.lock().unwrap().closed = true; return; }
+                }
+                continue;
+            }
+            f = ws.next() => f,
+        };
+        let Some(Ok(frame)) = frame else {
+            status.lock().unwrap().closed = true;
+            return;
+        };
+        let Message::Text(t) = frame else { continue };
+        let env = ServerEnvelope::decode(t.as_str()).unwrap();
+        let now = Instant::now();
+        let mut reply = Vec::new();
+        match env.msg {
+            ServerMessage::Joined { .. } => status.lock().unwrap().joined = true,
+            ServerMessage::CreateGroup { group_id, .. } => {
+                agent.create_group(&group_id.0, &server_id, now).unwrap();
+                reply.push(ClientMessage::GroupCreated {
+                    call_id: call.clone(),
+                    group_info: Bytes(agent.group_info().unwrap()),
+                });
+                let mut s = status.lock().unwrap();
+                s.epoch = agent.epoch();
+                s.ready_epoch = agent.epoch();
+            }
+            ServerMessage::Proposal { message, .. } => {
+                agent.handle(&message.0, now).unwrap();
+            }
+            ServerMessage::CommitRequest { epoch, .. } => {
+                if agent.epoch() == Some(epoch) {
+                    agent.discard_pending_commit();
+                    if let Some(b) = agent.commit_pending().unwrap() {
+                        reply.push(ClientMessage::Commit {
+                            call_id: call.clone(),
+                            epoch: b.epoch,
+                            commit: Bytes(b.commit),
+                            welcome: b.welcome.map(Bytes),
+                        });
+                        status.lock().unwrap().commits_sent += 1;
+                    }
+                }
+            }
+            ServerMessage::Commit { message, .. } => {
+                let ev = agent.handle(&message.0, now).unwrap();
+                let mut s = status.lock().unwrap();
+                s.commits_seen += 1;
+                if ev.contains(&AgentEvent::Removed) {
+                    s.removed = true;
+                    s.epoch = None;
+                } else {
+                    s.epoch = agent.epoch();
+                    s.epoch_changed_at = Some(Instant::now());
+                    s.epoch_code = agent.epoch_code().ok();
+                    reply.push(ClientMessage::EpochAck {
+                        call_id: call.clone(),
+                        epoch: agent.epoch().unwrap(),
+                    });
+                }
+            }
+            ServerMessage::Welcome { message, .. } => {
+                agent.join(&message.0, now).unwrap();
+                let mut s = status.lock().unwrap();
+                s.epoch = agent.epoch();
+                s.epoch_changed_at = Some(Instant::now());
+                s.epoch_code = agent.epoch_code().ok();
+                reply.push(ClientMessage::EpochAck {
+                    call_id: call.clone(),
+                    epoch: agent.epoch().unwrap(),
+                });
+            }
+            ServerMessage::EpochReady { epoch, .. } => {
+                let _ = agent.switch_sending(epoch);
+                status.lock().unwrap().ready_epoch = Some(epoch);
+            }
+            ServerMessage::Roster { members, .. } => {
+                status.lock().unwrap().roster_len = members.len();
+            }
+            ServerMessage::Removed { .. } => status.lock().unwrap().removed = true,
+            ServerMessage::Error { code, message } => {
+                if code == ErrorCode::StaleEpoch || code == ErrorCode::NotCommitter {
+                    agent.discard_pending_commit();
+                }
+                status.lock().unwrap().errors.push((code, message));
+            }
+            ServerMessage::Ready { .. } | ServerMessage::Pong => {}
+        }
+        for r in reply {
+            if ws.send(text(r)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Polls until `pred` holds or `limit` passes.
+pub async fn wait_for(limit: Duration, mut pred: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if pred() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pred()
+}

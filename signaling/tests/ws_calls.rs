@@ -1,0 +1,403 @@
+//! The signaling server end to end: a real server on 127.0.0.1, real
+//! WebSocket clients running the MLS agent.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use conclave_protocol::signal::ErrorCode;
+use conclave_signaling::CallConfig;
+use support::{ClientHandle, Cmd, spawn_member, start, wait_for};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn config() -> CallConfig {
+    CallConfig {
+        batch_window: Duration::from_millis(100),
+        ..CallConfig::default()
+    }
+}
+
+/// Waits until every member holds the same epoch, is told it is ready, and
+/// sees the whole roster; returns that epoch.
+async fn settled(members: &[ClientHandle], limit: Duration) -> u64 {
+    let n = members.len();
+    let ok = wait_for(limit, || {
+        let s: Vec<_> = members.iter().map(ClientHandle::status).collect();
+        s[0].epoch.is_some()
+            && s.iter()
+                .all(|x| x.epoch == s[0].epoch && x.ready_epoch == s[0].epoch && x.roster_len == n)
+    })
+    .await;
+    assert!(
+        ok,
+        "not settled: {:?}",
+        members
+            .iter()
+            .map(|m| (
+                m.status().epoch,
+                m.status().ready_epoch,
+                m.status().roster_len
+            ))
+            .collect::<Vec<_>>()
+    );
+    members[0].status().epoch.unwrap_or_default()
+}
+
+async fn all_at(members: &[ClientHandle], epoch: u64, limit: Duration) -> bool {
+    wait_for(limit, || {
+        members
+            .iter()
+            .all(|m| m.status().epoch == Some(epoch) && m.status().ready_epoch == Some(epoch))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_share_epoch_roster_and_code() {
+    let server = start(config()).await;
+    let alice = spawn_member(&server, "alice", "standup").await;
+    assert!(wait_for(LONG, || alice.status().epoch == Some(0)).await);
+    let bob = spawn_member(&server, "bob", "standup").await;
+    let carol = spawn_member(&server, "carol", "standup").await;
+    let all = [alice, bob, carol];
+    assert!(
+        all_at(&all, 1, LONG).await,
+        "{:?}",
+        all.iter().map(|m| m.status()).collect::<Vec<_>>()
+    );
+    let code = all[0].status().epoch_code.unwrap();
+    for m in &all {
+        let s = m.status();
+        assert_eq!(s.epoch_code.as_deref(), Some(code.as_str()));
+        assert_eq!(s.roster_len, 3);
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused() {
+    let server = start(config()).await;
+    let err = support::connect(&server, "not-a-token").await.unwrap_err();
+    assert!(err.contains("401"), "{err}");
+    let other = conclave_signaling::auth::Tokens::new(b"some other secret of 32 bytes!!!", LONG)
+        .issue("mallory", conclave_signaling::auth::TokenKind::User, None);
+    let err = support::connect(&server, &other).await.unwrap_err();
+    assert!(err.contains("401"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_rekeys_the_rest() {
+    let server = start(config()).await;
+    let mut members = Vec::new();
+    for u in ["a1", "a2", "a3", "a4"] {
+        members.push(spawn_member(&server, u, "room").await);
+        // Join one at a time so everyone is in by the end.
+    }
+    let epoch = settled(&members, LONG).await;
+    let leaver = members.remove(2);
+    leaver.cmd.send(Cmd::Leave).unwrap();
+    assert!(all_at(&members, epoch + 1, LONG).await);
+    assert!(wait_for(LONG, || leaver.status().removed).await);
+    for m in &members {
+        assert_eq!(m.status().roster_len, 3);
+    }
+    // A disconnect (no goodbye) rekeys too.
+    let gone = members.remove(0);
+    gone.cmd.send(Cmd::Close).unwrap();
+    assert!(all_at(&members, epoch + 2, LONG).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_removal_rekeys_and_closes_the_users_sockets() {
+    let server = start(config()).await;
+    let mut members = Vec::new();
+    for u in ["b1", "b2", "b3"] {
+        members.push(spawn_member(&server, u, "room2").await);
+    }
+    let epoch = settled(&members, LONG).await;
+    let n = server.state.hub.remove_user_everywhere("b2");
+    assert_eq!(n, 1);
+    let victim = members.remove(1);
+    assert!(wait_for(LONG, || victim.status().closed).await);
+    assert!(all_at(&members, epoch + 1, LONG).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_gets_typed_errors_and_changes_nothing() {
+    let server = start(config()).await;
+    let mut members = Vec::new();
+    for u in ["c1", "c2", "c3"] {
+        members.push(spawn_member(&server, u, "room3").await);
+    }
+    members.push(spawn_member(&server, "c4", "room3").await);
+    let epoch = settled(&members, LONG).await;
+    let probe = members.pop().unwrap();
+
+    let junk = [
+        "not json".to_string(),
+        "{}".into(),
+        r#"{"v":1}"#.into(),
+        r#"{"v":9,"type":"ping"}"#.into(),
+        r#"{"v":1,"type":"commit","call_id":"room3","epoch":0,"commit":"AAAA"}"#.into(),
+        r#"{"v":1,"type":"commit","call_id":"room3","epoch":99,"commit":"AAAA"}"#.into(),
+        r#"{"v":1,"type":"group_created","call_id":"room3","group_info":"AAAA"}"#.into(),
+        r#"{"v":1,"type":"join_call","call_id":"room3","device_id":"x","key_package":"AAAA"}"#
+            .into(),
+        r#"{"v":1,"type":"leave_call","call_id":"no-such-call"}"#.into(),
+        r#"{"v":1,"type":"set_mute","call_id":"../etc","audio":true,"video":false}"#.into(),
+        r#"{"v":1,"type":"ping","x":1}"#.into(),
+    ];
+    for j in &junk {
+        probe.cmd.send(Cmd::Raw(j.clone())).unwrap();
+    }
+    assert!(wait_for(LONG, || probe.status().errors.len() >= junk.len()).await);
+    assert!(!probe.status().closed);
+    let s = probe.status();
+    let codes: Vec<ErrorCode> = s.errors.iter().map(|e| e.0).collect();
+    assert!(codes.contains(&ErrorCode::BadRequest), "{codes:?}");
+    assert!(codes.contains(&ErrorCode::UnsupportedVersion), "{codes:?}");
+    assert!(codes.contains(&ErrorCode::StaleEpoch), "{codes:?}");
+    assert!(
+        codes.contains(&ErrorCode::NotCommitter) || codes.contains(&ErrorCode::StaleEpoch),
+        "{codes:?}"
+    );
+    assert!(codes.contains(&ErrorCode::InvalidMls), "{codes:?}");
+    assert!(codes.contains(&ErrorCode::NotFound), "{codes:?}");
+    // Nothing changed: same epoch, same roster; the call still works.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(probe.status().epoch, Some(epoch));
+    let late = spawn_member(&server, "c5", "room3").await;
+    assert!(
+        wait_for(LONG, || late.status().epoch == Some(epoch + 1)
+            && probe.status().epoch == Some(epoch + 1))
+        .await
+    );
+    assert!(members.iter().all(|m| m.status().errors.is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frames_close_only_that_session() {
+    let server = start(config()).await;
+    let calm = spawn_member(&server, "e1", "room5").await;
+    let big = spawn_member(&server, "e2", "room5").await;
+    assert!(
+        wait_for(LONG, || calm.status().roster_len == 2
+            && big.status().epoch == Some(1))
+        .await
+    );
+    big.cmd
+        .send(Cmd::Raw(format!(
+            r#"{{"v":1,"type":"ping","x":"{}"}}"#,
+            "y".repeat(300_000)
+        )))
+        .unwrap();
+    assert!(wait_for(LONG, || big.status().closed).await);
+    assert!(
+        wait_for(LONG, || calm.status().epoch == Some(2)
+            && calm.status().roster_len == 1)
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_is_cut_off_and_others_carry_on() {
+    let server = start(config()).await;
+    let calm = spawn_member(&server, "d1", "room4").await;
+    let noisy = spawn_member(&server, "d2", "room4").await;
+    assert!(
+        wait_for(LONG, || calm.status().roster_len == 2
+            && noisy.status().epoch == Some(1))
+        .await
+    );
+    for _ in 0..2_000 {
+        noisy
+            .cmd
+            .send(Cmd::Raw(r#"{"v":1,"type":"ping"}"#.into()))
+            .unwrap();
+    }
+    assert!(wait_for(LONG, || noisy.status().closed).await);
+    assert!(
+        noisy
+            .status()
+            .errors
+            .iter()
+            .any(|e| e.0 == ErrorCode::RateLimited)
+    );
+    // The server removed the flooder from the call and rekeyed; the calm one is fine.
+    assert!(
+        wait_for(LONG, || calm.status().epoch == Some(2)
+            && calm.status().roster_len == 1)
+        .await
+    );
+    assert!(calm.status().errors.is_empty());
+}
+
+/// Joins `n` members as fast as they connect; returns them and the elapsed time.
+async fn storm(
+    server: &support::TestServer,
+    call: &str,
+    n: usize,
+) -> (Vec<ClientHandle>, Duration) {
+    let first = spawn_member(server, "u0", call).await;
+    assert!(wait_for(LONG, || first.status().epoch == Some(0)).await);
+    let start_t = Instant::now();
+    let mut members = vec![first];
+    for i in 1..n {
+        members.push(spawn_member(server, &format!("u{i}"), call).await);
+    }
+    let connected = start_t.elapsed();
+    settled(&members, Duration::from_secs(240)).await;
+    (members, connected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_200_joins_is_batched_into_few_commits() {
+    let server = start(CallConfig {
+        batch_window: Duration::from_millis(500),
+        ..CallConfig::default()
+    })
+    .await;
+    let (members, connected) = storm(&server, "town-hall", 200).await;
+    println!("200 joins connected in {connected:?}");
+    assert!(
+        connected < Duration::from_secs(10),
+        "joins were not a storm: {connected:?}"
+    );
+    let commits = members[0].status().commits_seen;
+    println!("200 joins -> {commits} commits");
+    assert!(commits <= 10, "{commits} commits");
+    let code = members[0].status().epoch_code.unwrap();
+    assert!(
+        members
+            .iter()
+            .all(|m| m.status().epoch_code.as_deref() == Some(code.as_str()))
+    );
+}
+
+async fn measure_rekey(n: usize) {
+    let server = start(config()).await;
+    let (mut members, _) = storm(&server, "rekey", n).await;
+    let epoch = members[0].status().epoch.unwrap();
+    let fanout_before = server.state.metrics.rekey_fanout_bytes.get_sample_sum();
+    let leaver = members.remove(n / 2);
+    let t0 = Instant::now();
+    leaver.cmd.send(Cmd::Leave).unwrap();
+    assert!(
+        wait_for(LONG, || members
+            .iter()
+            .all(|m| m.status().epoch == Some(epoch + 1)))
+        .await,
+        "rekey did not complete"
+    );
+    let all_hold = members
+        .iter()
+        .filter_map(|m| m.status().epoch_changed_at)
+        .max()
+        .unwrap()
+        .duration_since(t0);
+    let fanout = server.state.metrics.rekey_fanout_bytes.get_sample_sum() - fanout_before;
+    println!(
+        "REKEY n={n}: leave -> every remaining member holds epoch {}: {:?}; MLS bytes fanned out: {} (JSON+base64 on the wire ~{:.0})",
+        epoch + 1,
+        all_hold,
+        fanout,
+        fanout * 4.0 / 3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekey_after_leave_at_100_members() {
+    measure_rekey(100).await;
+}
+
+/// Heavy: run by hand with `cargo test -p conclave-signaling --release --test ws_calls -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement at N=500; run by hand"]
+async fn rekey_after_leave_at_500_members() {
+    measure_rekey(500).await;
+}
+
+/// Random JSON (shaped like protocol messages, and not) and random bytes
+/// from a member: every one gets a typed error or is harmlessly answered,
+/// the server never falls over and the call's state does not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_json_and_bytes_never_change_state() {
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{Config, TestRunner};
+
+    let server = start(config()).await;
+    let mut members = Vec::new();
+    for u in ["f1", "f2", "f3"] {
+        members.push(spawn_member(&server, u, "fuzz").await);
+    }
+    let epoch = settled(&members, LONG).await;
+
+    let key = prop_oneof![
+        Just("v"),
+        Just("id"),
+        Just("type"),
+        Just("call_id"),
+        Just("epoch"),
+        Just("commit"),
+        Just("welcome"),
+        Just("group_info"),
+        Just("device_id"),
+        Just("key_package"),
+        Just("audio"),
+        Just("video"),
+        Just("zzz"),
+    ];
+    let value = prop_oneof![
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<bool>().prop_map(|b| b.to_string()),
+        Just("null".to_string()),
+        Just("1".to_string()),
+        "[a-z_]{0,12}".prop_map(|s| format!("\"{s}\"")),
+        Just("\"fuzz\"".to_string()),
+        Just("\"join_call\"".to_string()),
+        Just("\"commit\"".to_string()),
+        Just("\"group_created\"".to_string()),
+        Just("\"leave_call\"".to_string()),
+        "[A-Za-z0-9+/]{0,40}={0,2}".prop_map(|s| format!("\"{s}\"")),
+        Just("{}".to_string()),
+        Just("[1,2]".to_string()),
+    ];
+    let object = proptest::collection::vec((key, value), 0..8).prop_map(|kv| {
+        let body: Vec<String> = kv
+            .into_iter()
+            .map(|(k, v)| format!("\"{k}\":{v}"))
+            .collect();
+        format!("{{{}}}", body.join(","))
+    });
+    let bytes = proptest::collection::vec(any::<u8>(), 0..200)
+        .prop_map(|b| String::from_utf8_lossy(&b).into_owned());
+    let strategy = prop_oneof![3 => object, 1 => bytes];
+    let mut runner = TestRunner::new(Config::default());
+    let probe = &members[2];
+    let mut sent = 0;
+    for _ in 0..150 {
+        let text = strategy.new_tree(&mut runner).unwrap().current();
+        // Never a leave: that would legitimately change the call.
+        if text.contains("leave_call") {
+            continue;
+        }
+        probe.cmd.send(Cmd::Raw(text)).unwrap();
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(sent > 100);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = probe.status();
+    assert!(!s.closed, "the session was dropped");
+    assert!(!s.errors.is_empty());
+    for m in &members {
+        assert_eq!(m.status().epoch, Some(epoch), "state changed");
+        assert_eq!(m.status().roster_len, 3);
+    }
+    // The server still serves: a newcomer joins and everyone rekeys.
+    members.push(spawn_member(&server, "f4", "fuzz").await);
+    assert_eq!(settled(&members, LONG).await, epoch + 1);
+}
