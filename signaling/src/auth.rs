@@ -34,6 +34,50 @@ pub struct Claims {
     /// The only call a guest may join.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call: Option<String>,
+    /// The user's credential version when issued; a reset bumps it and
+    /// every older token stops working.
+    #[serde(default)]
+    pub ver: i64,
+}
+
+/// Hashes a password with argon2id (default parameters, random salt).
+pub fn hash_password(password: &str) -> Result<String, TokenError> {
+    use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|_| TokenError)
+}
+
+/// Checks a password against a stored argon2 hash.
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(hash).is_ok_and(|h| {
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+/// `HMAC-SHA256(secret, "<key_id>:<timestamp>")`, hex: how a machine proves
+/// it holds an API key's secret.
+pub fn api_signature(secret: &[u8], key_id: &str, timestamp: u64) -> String {
+    use hmac::{Hmac, Mac};
+    let Ok(mut mac) = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret) else {
+        return String::new();
+    };
+    mac.update(format!("{key_id}:{timestamp}").as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_time() -> u64 {
+    unix_now()
 }
 
 /// Why a token was refused.
@@ -73,8 +117,24 @@ impl Tokens {
         }
     }
 
+    /// How long tokens live.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// Issues a token.
     pub fn issue(&self, sub: &str, kind: TokenKind, call: Option<&str>) -> String {
+        self.issue_versioned(sub, kind, call, 0)
+    }
+
+    /// Issues a token carrying the user's credential version.
+    pub fn issue_versioned(
+        &self,
+        sub: &str,
+        kind: TokenKind,
+        call: Option<&str>,
+        ver: i64,
+    ) -> String {
         let iat = unix_now();
         let claims = Claims {
             sub: sub.to_owned(),
@@ -82,6 +142,7 @@ impl Tokens {
             exp: iat + self.ttl.as_secs(),
             iat,
             call: call.map(str::to_owned),
+            ver,
         };
         // HS256 over plain claims cannot fail.
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.enc).unwrap_or_default()
@@ -117,6 +178,7 @@ mod tests {
             exp: 1,
             iat: 0,
             call: None,
+            ver: 0,
         };
         let tok = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &old, &expired.enc).unwrap();
         assert!(t.verify(&tok).is_err());

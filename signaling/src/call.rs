@@ -48,6 +48,24 @@ impl Default for CallConfig {
     }
 }
 
+/// What a joiner's policy allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JoinLimits {
+    /// Largest call size the joiner may be part of.
+    pub max_size: u32,
+    /// Whether the joiner may start a call that has nobody in it.
+    pub may_start: bool,
+}
+
+impl Default for JoinLimits {
+    fn default() -> Self {
+        Self {
+            max_size: 500,
+            may_start: true,
+        }
+    }
+}
+
 /// A message for one session.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outbound {
@@ -75,6 +93,29 @@ pub enum CallEvent {
     },
     /// A session is no longer in the call and should be told so.
     SessionLeft(SessionId),
+    /// The group was created by this user.
+    Created {
+        /// Creator.
+        user_id: String,
+        /// Creator's device.
+        device_id: String,
+    },
+    /// A member entered the group.
+    MemberJoined {
+        /// User.
+        user_id: String,
+        /// Device.
+        device_id: String,
+    },
+    /// A member left the group.
+    MemberLeft {
+        /// User.
+        user_id: String,
+        /// Device.
+        device_id: String,
+        /// Why.
+        reason: RemovalReason,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -285,6 +326,7 @@ impl Call {
     }
 
     /// A session asks to join with a validated key package.
+    #[allow(clippy::too_many_arguments)]
     pub fn join(
         &mut self,
         session: SessionId,
@@ -292,6 +334,7 @@ impl Call {
         device_id: &str,
         kp: KeyPackageInfo,
         key_package: Vec<u8>,
+        limits: JoinLimits,
         now: Instant,
     ) -> Step {
         let principal = Principal::member(user_id, device_id)
@@ -304,6 +347,22 @@ impl Call {
         }
         if self.members.iter().any(|m| m.session == session) {
             return Err(Refusal::new(ErrorCode::BadRequest, "already in this call"));
+        }
+        if matches!(self.phase, Phase::Empty) && !limits.may_start {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                "your security group may not start calls, and this call has not started",
+            ));
+        }
+        let present = self.members.iter().filter(|m| m.leaving.is_none()).count();
+        if present + 1 > limits.max_size as usize {
+            return Err(Refusal::new(
+                ErrorCode::CallFull,
+                format!(
+                    "the call is full for you (limit {} participants)",
+                    limits.max_size
+                ),
+            ));
         }
         if self
             .members
@@ -391,15 +450,20 @@ impl Call {
             ));
         }
         self.ds = Some(ds);
+        let mut events = Vec::new();
         if let Some(m) = self.member_mut(session) {
             m.leaf = Some(0);
+            events.push(CallEvent::Created {
+                user_id: m.user_id.clone(),
+                device_id: m.device_id.clone(),
+            });
         }
         self.phase = Phase::Idle;
         if self.members.len() > 1 {
             self.batch_since.get_or_insert(now);
         }
         let roster = self.roster();
-        Ok((self.to_all(&roster), Vec::new()))
+        Ok((self.to_all(&roster), events))
     }
 
     /// A member (or joiner) leaves, by choice, removal or disconnection.
@@ -450,6 +514,11 @@ impl Call {
                 if m.session != session {
                     events.push(CallEvent::SessionLeft(m.session));
                 }
+                events.push(CallEvent::MemberLeft {
+                    user_id: m.user_id.clone(),
+                    device_id: m.device_id.clone(),
+                    reason: m.leaving.unwrap_or(reason),
+                });
             }
             self.members.retain(|m| m.leaf.is_none());
             self.ds = None;
@@ -566,6 +635,21 @@ impl Call {
             }
         }
         let mut events = Vec::new();
+        for m in &self.members {
+            if added.contains(&m.session) {
+                events.push(CallEvent::MemberJoined {
+                    user_id: m.user_id.clone(),
+                    device_id: m.device_id.clone(),
+                });
+            }
+            if gone.contains(&m.session) {
+                events.push(CallEvent::MemberLeft {
+                    user_id: m.user_id.clone(),
+                    device_id: m.device_id.clone(),
+                    reason: m.leaving.unwrap_or(RemovalReason::Left),
+                });
+            }
+        }
         for s in &gone {
             events.push(CallEvent::SessionLeft(*s));
         }

@@ -10,7 +10,7 @@ use conclave_protocol::mls::{Identity, KeyPackageInfo};
 use conclave_protocol::signal::{ErrorCode, RemovalReason, ServerEnvelope, ServerMessage};
 use tokio::sync::mpsc;
 
-use crate::call::{Call, CallConfig, CallEvent, Outbound, Refusal, SessionId};
+use crate::call::{Call, CallConfig, CallEvent, JoinLimits, Outbound, Refusal, SessionId};
 use crate::sfu::SfuControl;
 
 /// Frames queued for a session before it counts as too slow and is closed.
@@ -42,6 +42,8 @@ pub enum CallInput {
         info: KeyPackageInfo,
         /// The key package.
         key_package: Vec<u8>,
+        /// What the joiner's policy allows.
+        limits: JoinLimits,
     },
     /// The creator's GroupInfo.
     GroupCreated {
@@ -94,6 +96,21 @@ pub enum CallInput {
     },
 }
 
+/// One line of a call's audit log (no content, no keys).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// The call.
+    pub call_id: String,
+    /// `created`, `joined`, `left`, `removed`, `rekeyed`, `ended`.
+    pub kind: &'static str,
+    /// User concerned.
+    pub user_id: Option<String>,
+    /// Device concerned.
+    pub device_id: Option<String>,
+    /// Epoch, for rekeys.
+    pub epoch: Option<u64>,
+}
+
 struct SessionEntry {
     user_id: String,
     outbox: mpsc::Sender<SessionFrame>,
@@ -114,6 +131,7 @@ pub struct Hub {
     config: CallConfig,
     sfu: Arc<dyn SfuControl>,
     stats: Arc<crate::metrics::Metrics>,
+    audit: Option<mpsc::UnboundedSender<AuditRecord>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -140,6 +158,32 @@ impl Hub {
             config,
             sfu,
             stats,
+            audit: None,
+        }
+    }
+
+    /// Sends every call's audit records to `tx`.
+    pub fn with_audit(mut self, tx: mpsc::UnboundedSender<AuditRecord>) -> Self {
+        self.audit = Some(tx);
+        self
+    }
+
+    fn audit(
+        &self,
+        call_id: &str,
+        kind: &'static str,
+        user: Option<&str>,
+        device: Option<&str>,
+        epoch: Option<u64>,
+    ) {
+        if let Some(tx) = &self.audit {
+            let _ = tx.send(AuditRecord {
+                call_id: call_id.to_owned(),
+                kind,
+                user_id: user.map(str::to_owned),
+                device_id: device.map(str::to_owned),
+                epoch,
+            });
         }
     }
 
@@ -339,6 +383,7 @@ impl Hub {
                     drop(st);
                     self.stats.calls.dec();
                     tracing::info!(call = call.id(), commits = call.commits(), "call ended");
+                    self.audit(call.id(), "ended", None, None, None);
                     break;
                 }
             }
@@ -355,8 +400,17 @@ impl Hub {
                 device_id,
                 info,
                 key_package,
+                limits,
             } => {
-                let r = call.join(session, &user_id, &device_id, info, key_package, now);
+                let r = call.join(
+                    session,
+                    &user_id,
+                    &device_id,
+                    info,
+                    key_package,
+                    limits,
+                    now,
+                );
                 if r.is_err() {
                     self.forget_call(session, call.id());
                 }
@@ -436,8 +490,39 @@ impl Hub {
                         "epoch changed"
                     );
                     self.sfu.epoch_changed(call.id(), epoch);
+                    self.audit(call.id(), "rekeyed", None, None, Some(epoch));
                 }
                 CallEvent::SessionLeft(s) => self.forget_call(s, call.id()),
+                CallEvent::Created { user_id, device_id } => {
+                    self.audit(
+                        call.id(),
+                        "created",
+                        Some(&user_id),
+                        Some(&device_id),
+                        Some(0),
+                    );
+                    self.audit(
+                        call.id(),
+                        "joined",
+                        Some(&user_id),
+                        Some(&device_id),
+                        Some(0),
+                    );
+                }
+                CallEvent::MemberJoined { user_id, device_id } => {
+                    self.audit(call.id(), "joined", Some(&user_id), Some(&device_id), None);
+                }
+                CallEvent::MemberLeft {
+                    user_id,
+                    device_id,
+                    reason,
+                } => {
+                    let kind = match reason {
+                        RemovalReason::RemovedByAdmin => "removed",
+                        RemovalReason::Left | RemovalReason::Disconnected => "left",
+                    };
+                    self.audit(call.id(), kind, Some(&user_id), Some(&device_id), None);
+                }
             }
         }
     }

@@ -1,42 +1,90 @@
 //! `conclave`: the all-in-one server.
+//!
+//! Settings come from, in increasing priority: built-in defaults, a TOML
+//! file (`--config`), `CONCLAVE_*` environment variables, and flags.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use conclave_protocol::mls::{Identity, Principal};
-use conclave_signaling::auth::Tokens;
-use conclave_signaling::hub::Hub;
-use conclave_signaling::metrics::Metrics;
 use conclave_signaling::sfu::NoSfu;
-use conclave_signaling::{AppState, CallConfig, router};
+use conclave_signaling::{AppState, CallConfig, auth, router};
+use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
-/// Conclave server.
+/// Conclave server: end-to-end encrypted calls.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Address for HTTP (web app, API, WebSocket).
-    #[arg(long, env = "CONCLAVE_HTTP", default_value = "127.0.0.1:8080")]
-    http: SocketAddr,
-    /// Name of this deployment (the MLS external sender's credential).
-    #[arg(long, env = "CONCLAVE_NAME", default_value = "conclave")]
-    name: String,
-    /// Membership changes are batched for this long (ms) into one commit.
-    #[arg(long, env = "CONCLAVE_BATCH_MS", default_value_t = 200)]
-    batch_ms: u64,
+    /// TOML file with any of the settings below (snake_case keys).
+    #[arg(long, env = "CONCLAVE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address for HTTP (web app, API, WebSocket) [default: 127.0.0.1:8080].
+    #[arg(long, env = "CONCLAVE_HTTP")]
+    http: Option<SocketAddr>,
+    /// Directory for the database and the token key [default: ./data].
+    #[arg(long, env = "CONCLAVE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Database URL (sqlite://... or postgres://...) [default: SQLite in the data directory].
+    #[arg(long, env = "CONCLAVE_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Name of this deployment (the MLS external sender's credential) [default: conclave].
+    #[arg(long, env = "CONCLAVE_NAME")]
+    name: Option<String>,
+    /// Membership changes are batched for this long (ms) into one commit [default: 200].
+    #[arg(long, env = "CONCLAVE_BATCH_MS")]
+    batch_ms: Option<u64>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "CONCLAVE_LOG_JSON")]
     log_json: bool,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    http: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    name: Option<String>,
+    batch_ms: Option<u64>,
+    log_json: Option<bool>,
+}
+
+/// Reads the token-signing key from the data directory, creating it on first run.
+fn token_key(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let path = dir.join("token.key");
+    if let Ok(k) = std::fs::read(&path) {
+        anyhow::ensure!(k.len() >= 32, "{} is too short", path.display());
+        return Ok(k);
+    }
+    let mut k = vec![0u8; 32];
+    rand::Rng::fill(&mut rand::thread_rng(), k.as_mut_slice());
+    std::fs::write(&path, &k).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(k)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let file: FileConfig = match &args.config {
+        Some(p) => toml::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?,
+        None => FileConfig::default(),
+    };
+    let log_json = args.log_json || file.log_json.unwrap_or(false);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if args.log_json {
+    if log_json {
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
@@ -45,24 +93,82 @@ async fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
 
-    let server = Identity::generate(Principal::server(&args.name)?)?;
-    let mut secret = [0u8; 32];
-    rand::Rng::fill(&mut rand::thread_rng(), &mut secret);
-    let metrics = Arc::new(Metrics::new()?);
+    let http = args
+        .http
+        .or(file.http)
+        .unwrap_or(([127, 0, 0, 1], 8080).into());
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("data"));
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let database_url = args.database_url.or(file.database_url).unwrap_or_else(|| {
+        format!(
+            "sqlite://{}?mode=rwc",
+            data_dir.join("conclave.db").display()
+        )
+    });
+    let name = args.name.or(file.name).unwrap_or_else(|| "conclave".into());
+    let batch_ms = args.batch_ms.or(file.batch_ms).unwrap_or(200);
+
+    let server = Identity::generate(Principal::server(&name)?)?;
     let config = CallConfig {
-        batch_window: Duration::from_millis(args.batch_ms),
+        batch_window: Duration::from_millis(batch_ms),
         ..CallConfig::default()
     };
-    let state = AppState {
-        hub: Hub::new(server, config, Arc::new(NoSfu), metrics.clone()),
-        tokens: Tokens::new(&secret, Duration::from_secs(15 * 60)),
-        metrics,
-    };
+    let state = AppState::open(
+        &database_url,
+        server,
+        config,
+        Arc::new(NoSfu),
+        &token_key(&data_dir)?,
+        Duration::from_secs(15 * 60),
+    )
+    .await
+    .context("opening the database")?;
 
-    let listener = tokio::net::TcpListener::bind(args.http)
+    if state.db.admin_count().await? == 0 {
+        let (password, generated) = match std::env::var("CONCLAVE_ADMIN_PASSWORD") {
+            Ok(p) if p.chars().count() >= 8 => (p, false),
+            _ => {
+                let mut b = [0u8; 12];
+                rand::Rng::fill(&mut rand::thread_rng(), &mut b);
+                (
+                    b.iter().map(|x| format!("{x:02x}")).collect::<String>(),
+                    true,
+                )
+            }
+        };
+        let hash = auth::hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
+        state
+            .db
+            .create_user(
+                &state.org_id,
+                "admin",
+                "Administrator",
+                &hash,
+                &state.default_group,
+                true,
+            )
+            .await?;
+        if generated {
+            #[allow(clippy::print_stdout)]
+            {
+                println!("First run: created user 'admin' with one-time password {password}");
+                println!("Sign in and reset it (POST /admin/users/{{id}}/reset).");
+            }
+        } else {
+            tracing::info!(
+                "first run: created user 'admin' with the password from CONCLAVE_ADMIN_PASSWORD"
+            );
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind(http)
         .await
-        .with_context(|| format!("binding {}", args.http))?;
-    tracing::info!(addr = %args.http, "conclave listening; open http://{}/", args.http);
+        .with_context(|| format!("binding {http}"))?;
+    tracing::info!(addr = %http, db = %redact(&database_url), "conclave listening; open http://{http}/");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -70,4 +176,12 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("serving HTTP")?;
     Ok(())
+}
+
+/// Hides a password in a database URL for logging.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
+        _ => url.to_owned(),
+    }
 }

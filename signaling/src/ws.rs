@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::AppState;
 use crate::auth::{Claims, TokenKind};
-use crate::call::SessionId;
+use crate::call::{JoinLimits, Refusal, SessionId};
 use crate::hub::{CallInput, SessionFrame, refusal};
 
 /// `?token=` on the WebSocket URL (browsers cannot set headers on WebSockets).
@@ -34,7 +34,7 @@ pub async fn upgrade(
     Query(q): Query<WsQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let Ok(claims) = app.tokens.verify(&q.token) else {
+    let Ok(claims) = crate::api::authenticate(&app, &q.token).await else {
         return (StatusCode::UNAUTHORIZED, "invalid or expired token").into_response();
     };
     if claims.kind == TokenKind::Admin {
@@ -135,7 +135,7 @@ async fn session(app: AppState, claims: Claims, socket: WebSocket) {
                     Message::Ping(_) | Message::Pong(_) => continue,
                 };
                 match limiter.admit() {
-                    Ok(()) => handle_text(&app, sid, &claims, text.as_str()),
+                    Ok(()) => handle_text(&app, sid, &claims, text.as_str()).await,
                     Err(false) => app.hub.refuse(sid, None, refusal(ErrorCode::RateLimited, "slow down")),
                     Err(true) => {
                         tracing::warn!(session = sid, user = %claims.sub, "flooding: disconnecting");
@@ -158,7 +158,7 @@ async fn session(app: AppState, claims: Claims, socket: WebSocket) {
     tracing::debug!(session = sid, "session closed");
 }
 
-fn handle_text(app: &AppState, sid: SessionId, claims: &Claims, text: &str) {
+async fn handle_text(app: &AppState, sid: SessionId, claims: &Claims, text: &str) {
     let env = match ClientEnvelope::decode(text) {
         Ok(env) => env,
         Err(e) => {
@@ -203,6 +203,13 @@ fn handle_text(app: &AppState, sid: SessionId, claims: &Claims, text: &str) {
                     return;
                 }
             };
+            let limits = match join_limits(app, claims, &device_id, &info.identity_key).await {
+                Ok(l) => l,
+                Err(r) => {
+                    hub.refuse(sid, id, r);
+                    return;
+                }
+            };
             hub.join(
                 &call_id,
                 CallInput::Join {
@@ -212,6 +219,7 @@ fn handle_text(app: &AppState, sid: SessionId, claims: &Claims, text: &str) {
                     device_id,
                     info,
                     key_package: key_package.0,
+                    limits,
                 },
             );
         }
@@ -272,4 +280,44 @@ fn handle_text(app: &AppState, sid: SessionId, claims: &Claims, text: &str) {
             },
         ),
     }
+}
+
+/// What the joiner's security group allows; refuses a joiner who may not join.
+async fn join_limits(
+    app: &AppState,
+    claims: &Claims,
+    device_id: &str,
+    identity_key: &[u8],
+) -> Result<JoinLimits, Refusal> {
+    if claims.kind == TokenKind::Guest {
+        // Guests never start calls; the invitation already names the call.
+        return Ok(JoinLimits {
+            max_size: crate::db::Policy::default().max_call_size,
+            may_start: false,
+        });
+    }
+    let policy = app
+        .db
+        .policy_of(&claims.sub)
+        .await
+        .map_err(|_| refusal(ErrorCode::Internal, "could not read your policy"))?;
+    if !policy.may_join_calls {
+        return Err(refusal(
+            ErrorCode::Forbidden,
+            "your security group may not join calls",
+        ));
+    }
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD.encode(identity_key);
+    match app.db.see_device(&claims.sub, device_id, &key).await {
+        Ok(crate::db::DeviceKey::Changed) => {
+            tracing::warn!(user = %claims.sub, device = %device_id, "device presented a new identity key");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "recording device"),
+    }
+    Ok(JoinLimits {
+        max_size: policy.max_call_size,
+        may_start: policy.may_start_calls,
+    })
 }

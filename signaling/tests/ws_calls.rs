@@ -117,7 +117,8 @@ async fn admin_removal_rekeys_and_closes_the_users_sockets() {
         members.push(spawn_member(&server, u, "room2").await);
     }
     let epoch = settled(&members, LONG).await;
-    let n = server.state.hub.remove_user_everywhere("b2");
+    let b2 = server.user("b2").await;
+    let n = server.state.hub.remove_user_everywhere(&b2);
     assert_eq!(n, 1);
     let victim = members.remove(1);
     assert!(wait_for(LONG, || victim.status().closed).await);

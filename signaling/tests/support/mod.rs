@@ -10,9 +10,7 @@ use conclave_protocol::mls::decode_signing_identity;
 use conclave_protocol::signal::{
     Bytes, ClientEnvelope, ClientMessage, ErrorCode, ServerEnvelope, ServerMessage,
 };
-use conclave_signaling::auth::{TokenKind, Tokens};
-use conclave_signaling::hub::Hub;
-use conclave_signaling::metrics::Metrics;
+use conclave_signaling::auth::TokenKind;
 use conclave_signaling::sfu::NoSfu;
 use conclave_signaling::{AppState, CallConfig, router};
 use futures_util::{SinkExt, StreamExt};
@@ -22,31 +20,87 @@ use tokio_tungstenite::tungstenite::Message;
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub state: AppState,
+    pub db_url: String,
+    pub password_hash: String,
 }
 
+/// A fresh SQLite database file for one test.
+pub fn temp_db_url() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "conclave-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    format!("sqlite://{}/conclave.db?mode=rwc", dir.display())
+}
+
+pub const SECRET: &[u8] = b"test secret test secret test sec";
+
 pub async fn start(config: CallConfig) -> TestServer {
+    start_with(config, &temp_db_url()).await
+}
+
+pub async fn start_with(config: CallConfig, db_url: &str) -> TestServer {
     let server = Identity::generate(Principal::server("test-server").unwrap()).unwrap();
-    let metrics = Arc::new(Metrics::new().unwrap());
-    let state = AppState {
-        hub: Hub::new(server, config, Arc::new(NoSfu), metrics.clone()),
-        tokens: Tokens::new(
-            b"test secret test secret test sec",
-            Duration::from_secs(600),
-        ),
-        metrics,
-    };
+    let state = AppState::open(
+        db_url,
+        server,
+        config,
+        Arc::new(NoSfu),
+        SECRET,
+        Duration::from_secs(600),
+    )
+    .await
+    .unwrap();
+    let password_hash = conclave_signaling::auth::hash_password("correct horse battery").unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = router(state.clone());
     tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
-    TestServer { addr, state }
+    TestServer {
+        addr,
+        state,
+        db_url: db_url.to_owned(),
+        password_hash,
+    }
 }
 
 impl TestServer {
-    pub fn token(&self, user: &str) -> String {
-        self.state.tokens.issue(user, TokenKind::User, None)
+    /// Creates `username` (password "correct horse battery") if missing; returns its id.
+    pub async fn user(&self, username: &str) -> String {
+        if let Some(u) = self.state.db.user_by_username(username).await.unwrap() {
+            return u.id;
+        }
+        self.state
+            .db
+            .create_user(
+                &self.state.org_id,
+                username,
+                username,
+                &self.password_hash,
+                &self.state.default_group,
+                false,
+            )
+            .await
+            .unwrap()
+            .id
+    }
+
+    /// A session token for `username` (created if missing).
+    pub async fn token(&self, username: &str) -> String {
+        let id = self.user(username).await;
+        let u = self.state.db.user(&id).await.unwrap().unwrap();
+        self.state
+            .tokens
+            .issue_versioned(&u.id, TokenKind::User, None, u.token_version)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
     }
 }
 
@@ -105,7 +159,20 @@ pub async fn connect(server: &TestServer, token: &str) -> Result<(Ws, Vec<u8>), 
 
 /// Connects as `user`, joins `call`, and keeps reacting in a task.
 pub async fn spawn_member(server: &TestServer, user: &str, call: &str) -> ClientHandle {
-    let (mut ws, external_sender) = connect(server, &server.token(user)).await.unwrap();
+    let token = server.token(user).await;
+    let user_id = server.user(user).await;
+    spawn_with_token(server, &token, &user_id, call).await
+}
+
+/// Connects with `token` (whose subject is `user_id`), joins `call`, reacts in a task.
+pub async fn spawn_with_token(
+    server: &TestServer,
+    token: &str,
+    user_id: &str,
+    call: &str,
+) -> ClientHandle {
+    let user = user_id;
+    let (mut ws, external_sender) = connect(server, token).await.unwrap();
     let identity = Identity::generate(Principal::member(user, "dev1").unwrap()).unwrap();
     let agent = MlsAgent::new(identity, AgentConfig::default());
     let kp = agent.key_package().unwrap();
