@@ -186,8 +186,18 @@ impl Db {
         Ok(Self { pool })
     }
 
-    /// The organisation and group a fresh install starts with, created if missing.
+    /// The organisation and group a fresh install starts with, created if
+    /// missing (safe when two servers start on one database at once).
     pub async fn ensure_defaults(&self) -> Result<(String, String), DbError> {
+        match self.try_ensure_defaults().await {
+            Ok(v) => Ok(v),
+            // Another server created them between our read and our insert.
+            Err(DbError::Sql(_)) => self.try_ensure_defaults().await,
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn try_ensure_defaults(&self) -> Result<(String, String), DbError> {
         if let Some(row) = sqlx::query("SELECT id FROM organisations WHERE name = $1")
             .bind("default")
             .fetch_optional(&self.pool)
