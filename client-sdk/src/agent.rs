@@ -15,10 +15,11 @@
 use std::time::{Duration, Instant};
 
 use conclave_protocol::sframe::{CipherSuite, EpochSecret, KeyRingConfig, KidLayout, LeafSet};
-use mls_rs::client_builder::{BaseConfig, WithCryptoProvider, WithIdentityProvider};
+use mls_rs::client_builder::{BaseConfig, WithCryptoProvider, WithIdentityProvider, WithMlsRules};
 use mls_rs::extension::built_in::ExternalSendersExt;
 use mls_rs::group::{CommitEffect, ReceivedMessage};
 use mls_rs::identity::SigningIdentity;
+use mls_rs::mls_rules::{CommitOptions, DefaultMlsRules};
 use mls_rs::{Client, ExtensionList, Group, MlsMessage};
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
 use zeroize::Zeroizing;
@@ -32,16 +33,28 @@ use conclave_protocol::mls::{ConclaveIdentityProvider, Identity, MLS_SUITE, Prin
 pub const SFRAME_EXPORTER_LABEL: &[u8] = b"SFrame 1.0 Base Key";
 
 /// mls-rs configuration used by every Conclave member.
-pub type MlsConfig = WithCryptoProvider<
-    RustCryptoProvider,
-    WithIdentityProvider<ConclaveIdentityProvider, BaseConfig>,
+pub type MlsConfig = WithMlsRules<
+    DefaultMlsRules,
+    WithCryptoProvider<
+        RustCryptoProvider,
+        WithIdentityProvider<ConclaveIdentityProvider, BaseConfig>,
+    >,
 >;
 
 /// Builds the mls-rs client of a device identity (cipher suite 1, RustCrypto).
+///
+/// Every commit carries an update path, add-only ones included, so each
+/// commit fills the committer's direct path in the ratchet tree; with the
+/// delivery service rotating committers this keeps the tree dense and
+/// commits O(log N) after a join storm.
 pub fn mls_client(identity: &Identity) -> Client<MlsConfig> {
     Client::builder()
         .identity_provider(ConclaveIdentityProvider)
         .crypto_provider(RustCryptoProvider::default())
+        .mls_rules(
+            DefaultMlsRules::new()
+                .with_commit_options(CommitOptions::new().with_path_required(true)),
+        )
         .signing_identity(
             identity.signing_identity().clone(),
             identity.secret().clone(),

@@ -178,6 +178,9 @@ pub struct Call {
     orphans: Vec<u32>,
     acks: Option<AckWait>,
     commits: u64,
+    /// Leaves that have committed since they joined: their direct paths in
+    /// the ratchet tree are set.
+    filled: HashSet<u32>,
 }
 
 impl std::fmt::Debug for Call {
@@ -243,6 +246,7 @@ impl Call {
             orphans: Vec::new(),
             acks: None,
             commits: 0,
+            filled: HashSet::new(),
         }
     }
 
@@ -586,19 +590,34 @@ impl Call {
 
         // Who is in the group now.
         let leaves = ds.members();
+        let leaf_of: std::collections::HashMap<&Principal, u32> =
+            leaves.iter().map(|(l, p)| (p, *l)).collect();
+        let joiner_set: HashSet<SessionId> = joiners.iter().copied().collect();
         let mut added = Vec::new();
         for m in &mut self.members {
-            let leaf = leaves
-                .iter()
-                .find(|(_, p)| *p == m.principal)
-                .map(|(l, _)| *l);
-            if m.leaf.is_none() && leaf.is_some() && joiners.contains(&m.session) {
+            let leaf = leaf_of.get(&m.principal).copied();
+            let joining = joiner_set.contains(&m.session);
+            if m.leaf.is_none() && leaf.is_some() && joining {
                 added.push(m.session);
             }
-            if m.leaf.is_some() || joiners.contains(&m.session) {
+            if m.leaf.is_some() || joining {
                 m.leaf = leaf;
             }
         }
+        // The committer's path is now set; new or vacated leaves have none.
+        let present: HashSet<u32> = leaves.iter().map(|(l, _)| *l).collect();
+        self.filled.retain(|l| present.contains(l));
+        let added_set: HashSet<SessionId> = added.iter().copied().collect();
+        for m in self
+            .members
+            .iter()
+            .filter(|m| added_set.contains(&m.session))
+        {
+            if let Some(l) = m.leaf {
+                self.filled.remove(&l);
+            }
+        }
+        self.filled.insert(accepted.committer);
         self.orphans = leaves
             .iter()
             .filter(|(_, p)| !self.members.iter().any(|m| m.principal == *p))
@@ -620,7 +639,7 @@ impl Call {
         // Every previous member gets the commit, the removed ones included
         // (so an honest client drops its keys at once).
         for m in &self.members {
-            if !added.contains(&m.session) && (m.leaf.is_some() || gone.contains(&m.session)) {
+            if !added_set.contains(&m.session) && (m.leaf.is_some() || gone.contains(&m.session)) {
                 msgs.push(out(m.session, commit_msg.clone()));
             }
         }
@@ -636,7 +655,7 @@ impl Call {
         }
         let mut events = Vec::new();
         for m in &self.members {
-            if added.contains(&m.session) {
+            if added_set.contains(&m.session) {
                 events.push(CallEvent::MemberJoined {
                     user_id: m.user_id.clone(),
                     device_id: m.device_id.clone(),
@@ -771,12 +790,34 @@ impl Call {
         (msgs, events)
     }
 
-    /// The longest-present member still in the group, not leaving, not yet tried.
-    fn pick_committer(&self, tried: &[SessionId]) -> Option<SessionId> {
-        self.in_group()
-            .filter(|m| m.leaving.is_none() && !tried.contains(&m.session))
+    /// Who commits the next batch.
+    ///
+    /// Removals are committed by the longest-present member (the most
+    /// likely to answer at once, so a removed member loses access quickly).
+    /// Join-only batches go to a member whose path is still blank, taking
+    /// leaves in bit-reversed order so that successive commits fill the top
+    /// of the ratchet tree first: a dense tree keeps later commits at
+    /// O(log N) instead of O(N) after a join storm.
+    fn pick_committer(&self, tried: &[SessionId], removals: bool) -> Option<SessionId> {
+        let mut candidates = self
+            .in_group()
+            .filter(|m| m.leaving.is_none() && !tried.contains(&m.session));
+        if removals {
+            return candidates.next().map(|m| m.session);
+        }
+        let candidates: Vec<&Member> = candidates.collect();
+        let width_bits = candidates
+            .iter()
+            .filter_map(|m| m.leaf)
+            .max()
+            .map_or(1, |l| (u32::BITS - l.leading_zeros()).max(1));
+        let spread = |leaf: u32| leaf.reverse_bits() >> (u32::BITS - width_bits);
+        candidates
+            .iter()
+            .filter(|m| m.leaf.is_some_and(|l| !self.filled.contains(&l)))
+            .min_by_key(|m| m.leaf.map(spread))
+            .or(candidates.first())
             .map(|m| m.session)
-            .next()
     }
 
     fn start_commit(&mut self, now: Instant) -> Vec<Outbound> {
@@ -795,7 +836,8 @@ impl Call {
             self.batch_since = None;
             return Vec::new();
         }
-        let Some(committer) = self.pick_committer(&[]) else {
+        let has_removals = !leavers.is_empty() || !self.orphans.is_empty();
+        let Some(committer) = self.pick_committer(&[], has_removals) else {
             return Vec::new();
         };
         let Some(ds) = self.ds.as_mut() else {
@@ -863,11 +905,17 @@ impl Call {
 
     /// Asks the next member to commit the same proposals.
     fn redesignate(&mut self, now: Instant) -> Vec<Outbound> {
-        let Phase::Committing { epoch, tried, .. } = &self.phase else {
+        let Phase::Committing {
+            epoch,
+            tried,
+            leavers,
+            ..
+        } = &self.phase
+        else {
             return Vec::new();
         };
-        let (epoch, tried) = (*epoch, tried.clone());
-        let Some(next) = self.pick_committer(&tried) else {
+        let (epoch, tried, removals) = (*epoch, tried.clone(), !leavers.is_empty());
+        let Some(next) = self.pick_committer(&tried, removals) else {
             // Nobody answered: start over with a fresh batch later.
             self.phase = Phase::Idle;
             self.batch_since = Some(now);

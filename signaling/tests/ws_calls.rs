@@ -277,47 +277,60 @@ async fn a_storm_of_200_joins_is_batched_into_few_commits() {
     );
 }
 
-async fn measure_rekey(n: usize) {
+/// Leaves and joins after a storm; prints, per leave, the time until every
+/// remaining member holds the new epoch and the MLS bytes the server fanned out.
+/// All clients share this machine's two cores, so the time includes every
+/// member processing the commit one after another on them.
+async fn measure_rekey(n: usize, rounds: usize) {
     let server = start(config()).await;
     let (mut members, _) = storm(&server, "rekey", n).await;
-    let epoch = members[0].status().epoch.unwrap();
-    let fanout_before = server.state.metrics.rekey_fanout_bytes.get_sample_sum();
-    let leaver = members.remove(n / 2);
-    let t0 = Instant::now();
-    leaver.cmd.send(Cmd::Leave).unwrap();
-    assert!(
-        wait_for(LONG, || members
+    for round in 0..rounds {
+        let epoch = settled(&members, LONG).await;
+        let fanout_before = server.state.metrics.rekey_fanout_bytes.get_sample_sum();
+        let leaver = members.remove((round * 37 + n / 2) % members.len());
+        let t0 = Instant::now();
+        leaver.cmd.send(Cmd::Leave).unwrap();
+        assert!(
+            wait_for(LONG, || members
+                .iter()
+                .all(|m| m.status().epoch == Some(epoch + 1)))
+            .await,
+            "rekey did not complete"
+        );
+        let all_hold = members
             .iter()
-            .all(|m| m.status().epoch == Some(epoch + 1)))
-        .await,
-        "rekey did not complete"
-    );
-    let all_hold = members
-        .iter()
-        .filter_map(|m| m.status().epoch_changed_at)
-        .max()
-        .unwrap()
-        .duration_since(t0);
-    let fanout = server.state.metrics.rekey_fanout_bytes.get_sample_sum() - fanout_before;
-    println!(
-        "REKEY n={n}: leave -> every remaining member holds epoch {}: {:?}; MLS bytes fanned out: {} (JSON+base64 on the wire ~{:.0})",
-        epoch + 1,
-        all_hold,
-        fanout,
-        fanout * 4.0 / 3.0
-    );
+            .filter_map(|m| m.status().epoch_changed_at)
+            .max()
+            .unwrap()
+            .duration_since(t0);
+        let first_holds = members
+            .iter()
+            .filter_map(|m| m.status().epoch_changed_at)
+            .min()
+            .unwrap()
+            .duration_since(t0);
+        let fanout = server.state.metrics.rekey_fanout_bytes.get_sample_sum() - fanout_before;
+        println!(
+            "REKEY n={n} round={round}: leave -> first member holds epoch {}: {first_holds:?}, every member: {all_hold:?}; MLS bytes fanned out: {fanout} ({:.0} per member)",
+            epoch + 1,
+            fanout / (members.len() as f64),
+        );
+        // Someone new joins (a join-only batch: a blank-path member commits).
+        members.push(spawn_member(&server, &format!("r{round}"), "rekey").await);
+    }
+    settled(&members, LONG).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rekey_after_leave_at_100_members() {
-    measure_rekey(100).await;
+    measure_rekey(100, 3).await;
 }
 
 /// Heavy: run by hand with `cargo test -p conclave-signaling --release --test ws_calls -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement at N=500; run by hand"]
 async fn rekey_after_leave_at_500_members() {
-    measure_rekey(500).await;
+    measure_rekey(500, 8).await;
 }
 
 /// Random JSON (shaped like protocol messages, and not) and random bytes
