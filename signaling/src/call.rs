@@ -152,6 +152,7 @@ enum Phase {
         tried: Vec<SessionId>,
         joiners: Vec<SessionId>,
         leavers: Vec<SessionId>,
+        removed_leaf: Option<u32>,
     },
 }
 
@@ -790,22 +791,29 @@ impl Call {
         (msgs, events)
     }
 
-    /// Who commits the next batch.
+    /// Who commits the next batch. The choice keeps the ratchet tree dense,
+    /// so commits stay O(log N) bytes instead of O(N):
     ///
-    /// Removals are committed by the longest-present member (the most
-    /// likely to answer at once, so a removed member loses access quickly).
-    /// Join-only batches go to a member whose path is still blank, taking
-    /// leaves in bit-reversed order so that successive commits fill the top
-    /// of the ratchet tree first: a dense tree keeps later commits at
-    /// O(log N) instead of O(N) after a join storm.
-    fn pick_committer(&self, tried: &[SessionId], removals: bool) -> Option<SessionId> {
-        let mut candidates = self
+    /// - a batch that removes members goes to the member nearest the first
+    ///   removed leaf (the smallest XOR of leaf indices, i.e. the deepest
+    ///   common subtree): a Remove blanks the removed leaf's direct path and
+    ///   the committer's own path re-fills almost all of it;
+    /// - a join-only batch goes to a member whose path is still blank, taking
+    ///   leaves in bit-reversed order so successive commits fill the top of
+    ///   the tree first (after a join storm every parent node is blank);
+    /// - otherwise the longest-present member.
+    fn pick_committer(&self, tried: &[SessionId], removed: Option<u32>) -> Option<SessionId> {
+        let candidates: Vec<&Member> = self
             .in_group()
-            .filter(|m| m.leaving.is_none() && !tried.contains(&m.session));
-        if removals {
-            return candidates.next().map(|m| m.session);
+            .filter(|m| m.leaving.is_none() && !tried.contains(&m.session))
+            .collect();
+        let leaf = |m: &&&Member| m.leaf.unwrap_or(u32::MAX);
+        if let Some(r) = removed {
+            return candidates
+                .iter()
+                .min_by_key(|m| leaf(m) ^ r)
+                .map(|m| m.session);
         }
-        let candidates: Vec<&Member> = candidates.collect();
         let width_bits = candidates
             .iter()
             .filter_map(|m| m.leaf)
@@ -836,8 +844,11 @@ impl Call {
             self.batch_since = None;
             return Vec::new();
         }
-        let has_removals = !leavers.is_empty() || !self.orphans.is_empty();
-        let Some(committer) = self.pick_committer(&[], has_removals) else {
+        let first_removed = leavers
+            .first()
+            .map(|(_, l)| *l)
+            .or(self.orphans.first().copied());
+        let Some(committer) = self.pick_committer(&[], first_removed) else {
             return Vec::new();
         };
         let Some(ds) = self.ds.as_mut() else {
@@ -876,7 +887,9 @@ impl Call {
         }
         self.batch_started = self.batch_since.take();
         let call_id = self.call_id.clone();
-        for m in self.in_group().filter(|m| m.leaving.is_none()) {
+        // Leaving members get the proposals too, so an honest client can
+        // process the commit that removes it and drop its keys at once.
+        for m in self.in_group() {
             for p in &proposals {
                 msgs.push(out(
                     m.session,
@@ -899,6 +912,7 @@ impl Call {
             tried: vec![committer],
             joiners: accepted_joiners,
             leavers: leavers.into_iter().map(|(s, _)| s).collect(),
+            removed_leaf: first_removed,
         };
         msgs
     }
@@ -908,14 +922,14 @@ impl Call {
         let Phase::Committing {
             epoch,
             tried,
-            leavers,
+            removed_leaf,
             ..
         } = &self.phase
         else {
             return Vec::new();
         };
-        let (epoch, tried, removals) = (*epoch, tried.clone(), !leavers.is_empty());
-        let Some(next) = self.pick_committer(&tried, removals) else {
+        let (epoch, tried, removed) = (*epoch, tried.clone(), *removed_leaf);
+        let Some(next) = self.pick_committer(&tried, removed) else {
             // Nobody answered: start over with a fresh batch later.
             self.phase = Phase::Idle;
             self.batch_since = Some(now);

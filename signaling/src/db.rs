@@ -571,12 +571,17 @@ impl Db {
         device_id: Option<&str>,
         epoch: Option<i64>,
     ) -> Result<(), DbError> {
+        // Ids sort in the order events were recorded (time, then a counter).
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let at = now_ms();
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{at:015}{seq:012}{}", &new_id()[..8]);
         sqlx::query(
             "INSERT INTO call_events (id, call_id, at, kind, user_id, device_id, epoch) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
-        .bind(new_id())
+        .bind(id)
         .bind(call_id)
-        .bind(now_ms())
+        .bind(at)
         .bind(kind)
         .bind(user_id)
         .bind(device_id)

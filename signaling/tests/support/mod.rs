@@ -252,50 +252,45 @@ async fn run(
                 s.ready_epoch = agent.epoch();
             }
             ServerMessage::Proposal { message, .. } => {
-                agent.handle(&message.0, now).unwrap();
+                if let Err(e) = agent.handle(&message.0, now) {
+                    client_error(&status, format!("proposal: {e}"));
+                }
             }
             ServerMessage::CommitRequest { epoch, .. } => {
                 if agent.epoch() == Some(epoch) {
                     agent.discard_pending_commit();
-                    if let Some(b) = agent.commit_pending().unwrap() {
-                        reply.push(ClientMessage::Commit {
-                            call_id: call.clone(),
-                            epoch: b.epoch,
-                            commit: Bytes(b.commit),
-                            welcome: b.welcome.map(Bytes),
-                        });
-                        status.lock().unwrap().commits_sent += 1;
+                    match agent.commit_pending() {
+                        Ok(Some(b)) => {
+                            reply.push(ClientMessage::Commit {
+                                call_id: call.clone(),
+                                epoch: b.epoch,
+                                commit: Bytes(b.commit),
+                                welcome: b.welcome.map(Bytes),
+                            });
+                            status.lock().unwrap().commits_sent += 1;
+                        }
+                        Ok(None) => {}
+                        Err(e) => client_error(&status, format!("commit: {e}")),
                     }
                 }
             }
-            ServerMessage::Commit { message, .. } => {
-                let ev = agent.handle(&message.0, now).unwrap();
-                let mut s = status.lock().unwrap();
-                s.commits_seen += 1;
-                if ev.contains(&AgentEvent::Removed) {
+            ServerMessage::Commit { message, .. } => match agent.handle(&message.0, now) {
+                Ok(ev) if ev.contains(&AgentEvent::Removed) => {
+                    let mut s = status.lock().unwrap();
+                    s.commits_seen += 1;
                     s.removed = true;
                     s.epoch = None;
-                } else {
-                    s.epoch = agent.epoch();
-                    s.epoch_changed_at = Some(Instant::now());
-                    s.epoch_code = agent.epoch_code().ok();
-                    reply.push(ClientMessage::EpochAck {
-                        call_id: call.clone(),
-                        epoch: agent.epoch().unwrap(),
-                    });
                 }
-            }
-            ServerMessage::Welcome { message, .. } => {
-                agent.join(&message.0, now).unwrap();
-                let mut s = status.lock().unwrap();
-                s.epoch = agent.epoch();
-                s.epoch_changed_at = Some(Instant::now());
-                s.epoch_code = agent.epoch_code().ok();
-                reply.push(ClientMessage::EpochAck {
-                    call_id: call.clone(),
-                    epoch: agent.epoch().unwrap(),
-                });
-            }
+                Ok(_) => {
+                    status.lock().unwrap().commits_seen += 1;
+                    reply.push(entered_epoch(&agent, &status, &call));
+                }
+                Err(e) => client_error(&status, format!("commit: {e}")),
+            },
+            ServerMessage::Welcome { message, .. } => match agent.join(&message.0, now) {
+                Ok(_) => reply.push(entered_epoch(&agent, &status, &call)),
+                Err(e) => client_error(&status, format!("welcome: {e}")),
+            },
             ServerMessage::EpochReady { epoch, .. } => {
                 let _ = agent.switch_sending(epoch);
                 status.lock().unwrap().ready_epoch = Some(epoch);
@@ -330,4 +325,25 @@ pub async fn wait_for(limit: Duration, mut pred: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     pred()
+}
+
+/// A local MLS failure, recorded so tests see it (never a panic).
+fn client_error(status: &Mutex<Status>, what: String) {
+    status
+        .lock()
+        .unwrap()
+        .errors
+        .push((ErrorCode::InvalidMls, format!("client: {what}")));
+}
+
+/// Records the agent's new epoch and returns the ack for it.
+fn entered_epoch(agent: &MlsAgent, status: &Mutex<Status>, call: &str) -> ClientMessage {
+    let mut s = status.lock().unwrap();
+    s.epoch = agent.epoch();
+    s.epoch_changed_at = Some(Instant::now());
+    s.epoch_code = agent.epoch_code().ok();
+    ClientMessage::EpochAck {
+        call_id: call.to_owned(),
+        epoch: agent.epoch().unwrap_or_default(),
+    }
 }
