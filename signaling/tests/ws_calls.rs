@@ -118,11 +118,18 @@ async fn admin_removal_rekeys_and_closes_the_users_sockets() {
     }
     let epoch = settled(&members, LONG).await;
     let b2 = server.user("b2").await;
+    let t0 = Instant::now();
     let n = server.state.hub.remove_user_everywhere(&b2);
     assert_eq!(n, 1);
     let victim = members.remove(1);
     assert!(wait_for(LONG, || victim.status().closed).await);
     assert!(all_at(&members, epoch + 1, LONG).await);
+    // From here every sender uses keys the removed member never had.
+    println!(
+        "REMOVAL: admin removal -> every remaining member sends in epoch {}: {:?}",
+        epoch + 1,
+        t0.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
