@@ -153,6 +153,14 @@ pub struct Db {
     pool: AnyPool,
 }
 
+fn group_from(r: &sqlx::any::AnyRow) -> Result<SecurityGroup, DbError> {
+    Ok(SecurityGroup {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        policy: serde_json::from_str(&r.try_get::<String, _>("policy")?)?,
+    })
+}
+
 fn user_from(row: &sqlx::any::AnyRow) -> Result<User, sqlx::Error> {
     Ok(User {
         id: row.try_get("id")?,
@@ -400,14 +408,7 @@ impl Db {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| {
-            Ok(SecurityGroup {
-                id: r.try_get("id")?,
-                name: r.try_get("name")?,
-                policy: serde_json::from_str(&r.try_get::<String, _>("policy")?)?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(group_from).transpose()
     }
 
     /// Every security group.
@@ -415,15 +416,7 @@ impl Db {
         let rows = sqlx::query("SELECT id, name, policy FROM security_groups ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(SecurityGroup {
-                    id: r.try_get("id")?,
-                    name: r.try_get("name")?,
-                    policy: serde_json::from_str(&r.try_get::<String, _>("policy")?)?,
-                })
-            })
-            .collect()
+        rows.iter().map(group_from).collect()
     }
 
     /// Creates a security group.
