@@ -7,10 +7,13 @@
 //!   that turns each epoch into SFrame keys.
 //! - [`crypto`]: per-call frame protection (RFC 9605) fed by the agent.
 //! - [`verify`]: safety numbers and epoch codes for key verification.
+//! - [`session`]: a call over the network — the signaling WebSocket with the
+//!   MLS agent run for you (media transport: issue 4/5).
 
 pub mod agent;
 pub mod crypto;
 pub mod error;
+pub mod session;
 pub mod verify;
 
 pub use agent::{AgentConfig, AgentEvent, CommitBundle, MlsAgent, RosterEntry};
