@@ -15,11 +15,14 @@
 use std::time::{Duration, Instant};
 
 use conclave_protocol::sframe::{CipherSuite, EpochSecret, KeyRingConfig, KidLayout, LeafSet};
-use mls_rs::client_builder::{BaseConfig, WithCryptoProvider, WithIdentityProvider, WithMlsRules};
+use mls_rs::client_builder::{
+    BaseConfig, WithCryptoProvider, WithGroupStateStorage, WithIdentityProvider, WithMlsRules,
+};
 use mls_rs::extension::built_in::ExternalSendersExt;
 use mls_rs::group::{CommitEffect, ReceivedMessage};
 use mls_rs::identity::SigningIdentity;
 use mls_rs::mls_rules::{CommitOptions, DefaultMlsRules};
+use mls_rs::storage_provider::in_memory::InMemoryGroupStateStorage;
 use mls_rs::{Client, ExtensionList, Group, MlsMessage};
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
 use zeroize::Zeroizing;
@@ -33,11 +36,14 @@ use conclave_protocol::mls::{ConclaveIdentityProvider, Identity, MLS_SUITE, Prin
 pub const SFRAME_EXPORTER_LABEL: &[u8] = b"SFrame 1.0 Base Key";
 
 /// mls-rs configuration used by every Conclave member.
-pub type MlsConfig = WithMlsRules<
-    DefaultMlsRules,
-    WithCryptoProvider<
-        RustCryptoProvider,
-        WithIdentityProvider<ConclaveIdentityProvider, BaseConfig>,
+pub type MlsConfig = WithGroupStateStorage<
+    InMemoryGroupStateStorage,
+    WithMlsRules<
+        DefaultMlsRules,
+        WithCryptoProvider<
+            RustCryptoProvider,
+            WithIdentityProvider<ConclaveIdentityProvider, BaseConfig>,
+        >,
     >,
 >;
 
@@ -54,6 +60,13 @@ pub fn mls_client(identity: &Identity) -> Client<MlsConfig> {
         .mls_rules(
             DefaultMlsRules::new()
                 .with_commit_options(CommitOptions::new().with_path_required(true)),
+        )
+        // Keep one prior epoch only: nothing here reads older MLS epochs, and
+        // their secrets should not outlive them.
+        .group_state_storage(
+            InMemoryGroupStateStorage::new()
+                .with_max_epoch_retention(1)
+                .unwrap_or_else(|_| InMemoryGroupStateStorage::new()),
         )
         .signing_identity(
             identity.signing_identity().clone(),
@@ -230,9 +243,19 @@ impl MlsAgent {
     }
 
     fn enter_current_epoch(&mut self, now: Instant) -> Result<Vec<AgentEvent>, AgentError> {
+        self.persist()?;
         let epoch = self.install_current_epoch(now)?;
         self.crypto.switch_sending(epoch)?;
         Ok(vec![AgentEvent::Joined { epoch }])
+    }
+
+    /// Hands the epochs mls-rs keeps in memory to the (bounded) state
+    /// storage; without this every prior epoch would accumulate.
+    fn persist(&mut self) -> Result<(), AgentError> {
+        if let Some(g) = self.group.as_mut() {
+            g.write_to_storage_without_ratchet_tree()?;
+        }
+        Ok(())
     }
 
     fn group(&self) -> Result<&Group<MlsConfig>, AgentError> {
@@ -285,6 +308,7 @@ impl MlsAgent {
             ReceivedMessage::Proposal(_) => Ok(vec![AgentEvent::ProposalQueued]),
             ReceivedMessage::Commit(desc) => match desc.effect {
                 CommitEffect::NewEpoch(_) => {
+                    self.persist()?;
                     let epoch = self.install_current_epoch(now)?;
                     let after: Vec<(u32, Vec<u8>)> = self
                         .group()?
