@@ -237,7 +237,11 @@ impl Hub {
     pub fn send(&self, session: SessionId, reply_to: Option<u64>, msg: ServerMessage) {
         let kind = crate::metrics::message_kind(&msg);
         let text = ServerEnvelope::encode(reply_to, msg);
-        let st = self.lock();
+        self.push(&self.lock(), session, kind, text);
+    }
+
+    /// Queues an encoded frame on a session's outbox; a full outbox closes it.
+    fn push(&self, st: &HubState, session: SessionId, kind: &'static str, text: String) {
         if let Some(e) = st.sessions.get(&session) {
             self.stats.messages_out.with_label_values(&[kind]).inc();
             if e.outbox.try_send(SessionFrame::Text(text)).is_err() {
@@ -466,8 +470,22 @@ impl Hub {
     }
 
     fn deliver(&self, call: &Call, msgs: Vec<Outbound>, events: Vec<CallEvent>) {
-        for o in msgs {
-            self.send(o.to, o.reply_to, o.msg);
+        // A fan-out is a run of the same message to many sessions: encode it
+        // once per run and take the lock once.
+        {
+            let st = self.lock();
+            let mut last: Option<(&ServerMessage, Option<u64>, String)> = None;
+            for o in &msgs {
+                let text = match &last {
+                    Some((m, r, t)) if *m == &o.msg && *r == o.reply_to => t.clone(),
+                    _ => {
+                        let t = ServerEnvelope::encode(o.reply_to, o.msg.clone());
+                        last = Some((&o.msg, o.reply_to, t.clone()));
+                        t
+                    }
+                };
+                self.push(&st, o.to, crate::metrics::message_kind(&o.msg), text);
+            }
         }
         for e in events {
             match e {

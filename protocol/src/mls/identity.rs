@@ -15,6 +15,8 @@ use mls_rs::{CipherSuite, CipherSuiteProvider, CryptoProvider, ExtensionList, Id
 use mls_rs_core::identity::MemberValidationContext;
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
 
+use crate::signal::valid_id;
+
 /// Why an identity could not be made or parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
@@ -31,15 +33,6 @@ pub enum IdentityError {
 
 /// MLS cipher suite 1: X25519, AES-128-GCM, SHA-256, Ed25519.
 pub const MLS_SUITE: CipherSuite = CipherSuite::CURVE25519_AES128;
-
-const MAX_ID_LEN: usize = 128;
-
-fn valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_ID_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+'))
-}
 
 /// Who a credential names.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
