@@ -1,0 +1,420 @@
+//! The SFU end to end: real webrtc-rs peers on 127.0.0.1 connect through
+//! ICE-lite, DTLS and SRTP to a running SFU and exchange SFrame-protected
+//! frames through it.
+
+#[path = "support/peer.rs"]
+mod peer;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use conclave_protocol::sframe::{CipherSuite, Codec, FrameEncryptor, FrameKey, KidLayout};
+use conclave_sfu::{
+    PublishRights, SessionRequest, Sfu, SfuConfig, SfuControl, SfuEvent, SfuMetrics, Source,
+};
+use peer::{Kind, PeerSpec, TestPeer};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+const CALL: &str = "call-1";
+const EPOCH: u64 = 3;
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Harness {
+    sfu: Arc<Sfu>,
+    events: UnboundedReceiver<SfuEvent>,
+    metrics: SfuMetrics,
+}
+
+fn start(config: SfuConfig) -> Harness {
+    let metrics = SfuMetrics::unregistered();
+    let (sfu, events) = Sfu::start(config, metrics.clone()).expect("SFU starts");
+    Harness {
+        sfu: Arc::new(sfu),
+        events,
+        metrics,
+    }
+}
+
+async fn join(h: &Harness, name: &str, spec: PeerSpec) -> (TestPeer, u64) {
+    let peer = TestPeer::new(spec).await.expect("peer");
+    let offer = peer.create_offer().await.expect("offer");
+    let answer = h
+        .sfu
+        .create_session(SessionRequest {
+            call_id: CALL.into(),
+            participant: name.into(),
+            offer_sdp: offer,
+            rights: PublishRights::ALL,
+            sources: vec![],
+        })
+        .await
+        .expect("session");
+    peer.set_answer(answer.answer_sdp).await.expect("answer");
+    if let Err(e) = peer.wait_connected(WAIT).await {
+        panic!(
+            "{name} did not connect: {e}; drops: {}",
+            drop_summary(&h.metrics)
+        );
+    }
+    (peer, answer.session)
+}
+
+/// An SFrame sender for one participant (leaf) and stream.
+struct Sender {
+    enc: FrameEncryptor,
+}
+
+impl Sender {
+    fn new(epoch: u64, leaf: u32, stream: u32) -> Self {
+        let layout = KidLayout::default();
+        let kid = layout.kid(epoch, 8, leaf, u64::from(stream)).expect("kid");
+        let key = FrameKey::derive(CipherSuite::default(), kid, &[7u8; 32]).expect("key");
+        Self {
+            enc: FrameEncryptor::new(key),
+        }
+    }
+
+    fn protect(&mut self, codec: Codec, frame: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; frame.len() + 64];
+        let n = self.enc.encrypt(codec, frame, &mut out).expect("encrypt");
+        out.truncate(n);
+        out
+    }
+
+    fn opus(&mut self, i: u8) -> Vec<u8> {
+        self.protect(Codec::Opus, &[0xfc, i, i, i, i, i])
+    }
+
+    /// One RTP payload carrying a whole VP8 frame: the payload descriptor
+    /// (start of partition 0) and the protected frame.
+    fn vp8(&mut self, key: bool, i: u8) -> Vec<u8> {
+        let mut frame = if key {
+            vec![0x50, 0x2a, 0x00, 0x9d, 0x01, 0x2a, 0x40, 0x01, 0xf0, 0x00]
+        } else {
+            vec![0x31, 0x02, 0x00]
+        };
+        frame.extend(std::iter::repeat_n(i, 40));
+        let mut payload = vec![0x10];
+        payload.extend(self.protect(Codec::Vp8, &frame));
+        payload
+    }
+}
+
+async fn collect(peer: &TestPeer, want: usize) -> Vec<peer::Received> {
+    let mut got = Vec::new();
+    while got.len() < want {
+        match peer.recv(Duration::from_secs(3)).await {
+            Some(r) => got.push(r),
+            None => break,
+        }
+    }
+    got
+}
+
+fn drop_summary(m: &SfuMetrics) -> String {
+    use prometheus::core::Collector;
+    let mut out = String::new();
+    for family in m.drops.collect() {
+        for metric in family.get_metric() {
+            for label in metric.get_label() {
+                out.push_str(&format!(
+                    "{}={} ",
+                    label.value(),
+                    metric.get_counter().get_value()
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn dropped(m: &SfuMetrics, reason: &str) -> u64 {
+    m.drops.with_label_values(&[reason]).get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_publisher_many_subscribers_every_packet_arrives() {
+    let config = SfuConfig {
+        workers: 2,
+        ..SfuConfig::loopback()
+    };
+    let mut h = start(config);
+    h.sfu.epoch_changed(CALL, EPOCH);
+
+    let (publisher, pub_id) = join(
+        &h,
+        "u:alice/laptop",
+        PeerSpec {
+            publish_audio: true,
+            publish_video: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    const N: usize = 6;
+    let mut subscribers = Vec::new();
+    for i in 0..N {
+        let (p, _) = join(
+            &h,
+            &format!("u:sub{i}/d"),
+            PeerSpec {
+                recv_audio_slots: 3,
+                recv_video_slots: 2,
+                ..Default::default()
+            },
+        )
+        .await;
+        subscribers.push(p);
+    }
+
+    let mut audio = Sender::new(EPOCH, 1, 0);
+    let mut video = Sender::new(EPOCH, 1, 1);
+    // Prime: the first video frame must be a key frame for a slot to open;
+    // the SFU also asks for one when the slot is assigned.
+    const FRAMES: usize = 40;
+    let mut sent_audio = Vec::new();
+    let mut sent_video = Vec::new();
+    for i in 0..FRAMES {
+        let a = audio.opus(i as u8);
+        publisher.send_audio(&a, Some(30)).await.expect("audio");
+        sent_audio.push(a);
+        let v = video.vp8(i == 0, i as u8);
+        publisher.send_video(&v, true, 3000).await.expect("video");
+        sent_video.push(v);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    for (i, sub) in subscribers.iter().enumerate() {
+        let got = collect(sub, 2 * FRAMES).await;
+        let audio_in: Vec<_> = got.iter().filter(|r| r.kind == Kind::Audio).collect();
+        let video_in: Vec<_> = got.iter().filter(|r| r.kind == Kind::Video).collect();
+        assert_eq!(audio_in.len(), FRAMES, "subscriber {i}: every audio packet");
+        assert_eq!(video_in.len(), FRAMES, "subscriber {i}: every video packet");
+        // Bytes are forwarded untouched, in order, with continuous numbering.
+        for (r, s) in audio_in.iter().zip(&sent_audio) {
+            assert_eq!(&r.payload, s);
+        }
+        for (r, s) in video_in.iter().zip(&sent_video) {
+            assert_eq!(&r.payload, s);
+        }
+        for w in video_in.windows(2) {
+            assert_eq!(w[1].sequence_number, w[0].sequence_number.wrapping_add(1));
+            assert_eq!(w[1].timestamp.wrapping_sub(w[0].timestamp), 3000);
+        }
+        // SSRCs are the SFU's slot SSRCs, not the publisher's.
+        assert_ne!(audio_in[0].ssrc, publisher.audio_ssrc());
+        assert_ne!(video_in[0].ssrc, publisher.video_ssrc());
+    }
+    assert_eq!(
+        h.metrics.forwarded.with_label_values(&["audio"]).get(),
+        (N * FRAMES) as u64
+    );
+
+    // Events: everyone came up, and the publisher's tracks were announced.
+    let mut up = HashSet::new();
+    let mut published = HashSet::new();
+    while let Ok(e) = h.events.try_recv() {
+        match e {
+            SfuEvent::SessionUp { session, .. } => {
+                up.insert(session);
+            }
+            SfuEvent::TrackPublished {
+                session, source, ..
+            } => {
+                assert_eq!(session, pub_id);
+                published.insert(source);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(up.len(), N + 1);
+    assert_eq!(published, HashSet::from([Source::Audio, Source::Camera]));
+
+    // Closing a session is reported.
+    h.sfu.close_session(pub_id);
+    let down = tokio::time::timeout(WAIT, async {
+        while let Some(e) = h.events.recv().await {
+            if let SfuEvent::SessionDown { session, .. } = e {
+                return session;
+            }
+        }
+        0
+    })
+    .await
+    .expect("down event");
+    assert_eq!(down, pub_id);
+    h.sfu.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_stale_epochs_and_unauthorised_sources_are_dropped() {
+    let mut config = SfuConfig::loopback();
+    config.workers = 1;
+    let h = start(config);
+    h.sfu.epoch_changed(CALL, EPOCH);
+    let (publisher, pub_id) = join(
+        &h,
+        "u:mallory/d",
+        PeerSpec {
+            publish_audio: true,
+            publish_video: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (sub, _) = join(
+        &h,
+        "u:bob/d",
+        PeerSpec {
+            recv_audio_slots: 1,
+            recv_video_slots: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+
+    // Plaintext audio and video (a clear VP8 key frame) never reach Bob.
+    for i in 0..10u8 {
+        publisher
+            .send_audio(&[0xfc, i, 1, 2, 3, 4, 5, 6, 7, 8], Some(20))
+            .await
+            .expect("audio");
+        let mut clear = vec![0x10, 0x50, 0x2a, 0x00, 0x9d, 0x01, 0x2a];
+        clear.extend([i; 30]);
+        publisher
+            .send_video(&clear, true, 3000)
+            .await
+            .expect("video");
+    }
+    // A frame from an epoch that is not live.
+    let mut stale = Sender::new(EPOCH + 5, 1, 0);
+    publisher
+        .send_audio(&stale.opus(1), Some(20))
+        .await
+        .expect("audio");
+    assert!(sub.recv(Duration::from_millis(800)).await.is_none());
+    // Clear bytes after the VP8 prefix may happen to parse as an SFrame
+    // header; its KID then names no live epoch.
+    let rejected = dropped(&h.metrics, "not_sframe")
+        + dropped(&h.metrics, "truncated_frame")
+        + dropped(&h.metrics, "stale_epoch");
+    assert!(
+        rejected >= 21,
+        "plaintext counted as dropped: {}",
+        drop_summary(&h.metrics)
+    );
+
+    // A properly protected frame does arrive.
+    let mut good = Sender::new(EPOCH, 1, 0);
+    let frame = good.opus(9);
+    publisher.send_audio(&frame, Some(20)).await.expect("audio");
+    let r = sub.recv(WAIT).await.expect("protected audio arrives");
+    assert_eq!(r.payload, frame);
+
+    // Without the audio right, even protected audio is dropped.
+    h.sfu.set_publish_rights(
+        pub_id,
+        PublishRights {
+            audio: false,
+            ..PublishRights::ALL
+        },
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publisher
+        .send_audio(&good.opus(10), Some(20))
+        .await
+        .expect("audio");
+    assert!(sub.recv(Duration::from_millis(500)).await.is_none());
+    assert!(dropped(&h.metrics, "no_publish_right") >= 1);
+
+    // After an epoch change, the previous epoch stays live; two back does not.
+    h.sfu.epoch_changed(CALL, EPOCH + 1);
+    h.sfu.set_publish_rights(pub_id, PublishRights::ALL);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publisher
+        .send_audio(&good.opus(11), Some(20))
+        .await
+        .expect("audio");
+    assert!(sub.recv(WAIT).await.is_some(), "previous epoch still live");
+    h.sfu.epoch_changed(CALL, EPOCH + 2);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publisher
+        .send_audio(&good.opus(12), Some(20))
+        .await
+        .expect("audio");
+    assert!(sub.recv(Duration::from_millis(500)).await.is_none());
+    h.sfu.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_slots_follow_the_loudest_speakers() {
+    let mut config = SfuConfig::loopback();
+    config.workers = 1;
+    let mut h = start(config);
+    h.sfu.epoch_changed(CALL, EPOCH);
+    // Four speakers; a listener with two audio slots.
+    let mut speakers = Vec::new();
+    for i in 0..4 {
+        let (p, _) = join(
+            &h,
+            &format!("u:speaker{i}/d"),
+            PeerSpec {
+                publish_audio: true,
+                ..Default::default()
+            },
+        )
+        .await;
+        speakers.push((p, Sender::new(EPOCH, i + 1, 0)));
+    }
+    let (listener, _) = join(
+        &h,
+        "u:listener/d",
+        PeerSpec {
+            recv_audio_slots: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    // RFC 6464 levels: lower is louder. Speakers 2 and 3 are loud.
+    let levels = [90u8, 80, 10, 20];
+    for round in 0..100u8 {
+        for ((p, s), level) in speakers.iter_mut().zip(levels) {
+            let mut frame = s.opus(round);
+            // Mark whose frame it is in a byte we can see: the tag is last,
+            // so compare against what each speaker sent instead.
+            frame.truncate(frame.len());
+            p.send_audio(&frame, Some(level)).await.expect("audio");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // After the ranking settles, the listener hears only the two loudest.
+    listener.drain().await;
+    let mut last = Vec::new();
+    for round in 100..130u8 {
+        for ((p, s), level) in speakers.iter_mut().zip(levels) {
+            let frame = s.opus(round);
+            last.push((frame.clone(), level));
+            p.send_audio(&frame, Some(level)).await.expect("audio");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let got = collect(&listener, 60).await;
+    assert!(got.len() >= 50, "listener hears two streams: {}", got.len());
+    for r in &got {
+        let level = last
+            .iter()
+            .find(|(f, _)| *f == r.payload)
+            .map(|(_, l)| *l)
+            .expect("a frame somebody sent");
+        assert!(level <= 20, "only the loudest speakers are forwarded");
+    }
+    let mut dominant = None;
+    while let Ok(e) = h.events.try_recv() {
+        if let SfuEvent::DominantSpeaker { participant, .. } = e {
+            dominant = Some(participant);
+        }
+    }
+    assert_eq!(dominant.as_deref(), Some("u:speaker2/d"));
+    h.sfu.shutdown();
+}
