@@ -133,11 +133,11 @@ impl Engine {
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
-        if let Some(t) = s.pc.poll_timeout() {
-            if s.armed.is_none_or(|a| t < a) {
-                s.armed = Some(t);
-                self.timers.push(Reverse((t, Timer::Session(sid))));
-            }
+        if let Some(t) = s.pc.poll_timeout()
+            && s.armed.is_none_or(|a| t < a)
+        {
+            s.armed = Some(t);
+            self.timers.push(Reverse((t, Timer::Session(sid))));
         }
     }
 
@@ -341,11 +341,11 @@ impl Engine {
             None => {
                 // Maybe a session of another worker (SO_REUSEPORT hashed
                 // this peer's packets to our socket).
-                if let Some(w) = self.shared.worker_for_addr(&from) {
-                    if w != self.index {
-                        self.shared.hand_off(w, from, data);
-                        return;
-                    }
+                if let Some(w) = self.shared.worker_for_addr(&from)
+                    && w != self.index
+                {
+                    self.shared.hand_off(w, from, data);
+                    return;
                 }
                 if kind != PacketKind::Stun {
                     self.drop("unroutable");
@@ -366,11 +366,11 @@ impl Engine {
                 match self.by_ufrag.get(local) {
                     Some(&sid) => sid,
                     None => {
-                        if let Some(w) = self.shared.worker_for_ufrag(local) {
-                            if w != self.index {
-                                self.shared.hand_off(w, from, data);
-                                return;
-                            }
+                        if let Some(w) = self.shared.worker_for_ufrag(local)
+                            && w != self.index
+                        {
+                            self.shared.hand_off(w, from, data);
+                            return;
                         }
                         self.drop("unknown_ufrag");
                         return;
@@ -456,11 +456,9 @@ impl Engine {
             while let Some(ev) = s.pc.poll_event() {
                 match ev {
                     RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => match state {
-                        RTCPeerConnectionState::Connected => {
-                            if !s.up {
-                                s.up = true;
-                                announce.push(None);
-                            }
+                        RTCPeerConnectionState::Connected if !s.up => {
+                            s.up = true;
+                            announce.push(None);
                         }
                         RTCPeerConnectionState::Failed => down = Some(DownReason::Failed),
                         RTCPeerConnectionState::Closed => down = Some(DownReason::Closed),
@@ -486,16 +484,17 @@ impl Engine {
                             continue;
                         };
                         let layer = init.rid.as_deref().and_then(layer_of_rid).unwrap_or(0);
-                        if source == Source::Audio && s.audio_level_ext.is_none() {
-                            if let Some(mut r) = s.pc.rtp_receiver(init.receiver_id) {
-                                s.audio_level_ext = r
-                                    .get_parameters()
-                                    .rtp_parameters
-                                    .header_extensions
-                                    .iter()
-                                    .find(|e| e.uri == rtc::sdp::extmap::AUDIO_LEVEL_URI)
-                                    .and_then(|e| u8::try_from(e.id).ok());
-                            }
+                        if source == Source::Audio
+                            && s.audio_level_ext.is_none()
+                            && let Some(mut r) = s.pc.rtp_receiver(init.receiver_id)
+                        {
+                            s.audio_level_ext = r
+                                .get_parameters()
+                                .rtp_parameters
+                                .header_extensions
+                                .iter()
+                                .find(|e| e.uri == rtc::sdp::extmap::AUDIO_LEVEL_URI)
+                                .and_then(|e| u8::try_from(e.id).ok());
                         }
                         s.streams.insert(
                             init.ssrc,
@@ -636,15 +635,14 @@ impl Engine {
         }
         stream.window_bytes += payload.len() as u64;
         let layer = stream.layer;
-        if source == Source::Audio {
-            if let Some(level) = s
+        if source == Source::Audio
+            && let Some(level) = s
                 .audio_level_ext
                 .and_then(|id| packet.header.get_extension(id))
                 .and_then(|b| crate::forward::audio_level(&b))
-            {
-                s.activity.observe(level.0, now);
-                s.heard_since_tick = true;
-            }
+        {
+            s.activity.observe(level.0, now);
+            s.heard_since_tick = true;
         }
         let Some(routes) = call.routes.get(&(sid, source)) else {
             return;
@@ -699,11 +697,11 @@ impl Engine {
                     continue;
                 };
             for ssrc in media_ssrcs {
-                if let Some(slot) = s.slots.iter().find(|sl| sl.ssrc == ssrc) {
-                    if let Some((publisher, source)) = slot.assigned {
-                        self.key_requests
-                            .push((publisher, source, Some(slot.target)));
-                    }
+                if let Some(slot) = s.slots.iter().find(|sl| sl.ssrc == ssrc)
+                    && let Some((publisher, source)) = slot.assigned
+                {
+                    self.key_requests
+                        .push((publisher, source, Some(slot.target)));
                 }
             }
         }
@@ -878,12 +876,11 @@ impl Engine {
                 }
                 if let Some(key) = assigned {
                     routes.entry(key).or_default().push((sub_id, i));
-                    if slot.video {
-                        if let Some(c) =
+                    if slot.video
+                        && let Some(c) =
                             layer_counts.get_mut(usize::from(slot.layer.unwrap_or(target)))
-                        {
-                            *c += 1;
-                        }
+                    {
+                        *c += 1;
                     }
                 }
             }

@@ -258,7 +258,6 @@ fn codecs() -> (RTCRtpCodecParameters, RTCRtpCodecParameters) {
             rtcp_feedback: vec![],
         },
         payload_type: OPUS_PT,
-        ..Default::default()
     };
     let vp8 = RTCRtpCodecParameters {
         rtp_codec: RTCRtpCodec {
@@ -269,7 +268,6 @@ fn codecs() -> (RTCRtpCodecParameters, RTCRtpCodecParameters) {
             rtcp_feedback: vec![],
         },
         payload_type: VP8_PT,
-        ..Default::default()
     };
     (opus, vp8)
 }
@@ -504,10 +502,10 @@ pub fn negotiate(
         }
     }
     for (mid, source) in explicit_sources {
-        if let Some(l) = lines.iter().find(|l| &l.mid == mid) {
-            if l.video == source.is_video() {
-                mid_sources.insert(mid.clone(), *source);
-            }
+        if let Some(l) = lines.iter().find(|l| &l.mid == mid)
+            && l.video == source.is_video()
+        {
+            mid_sources.insert(mid.clone(), *source);
         }
     }
 

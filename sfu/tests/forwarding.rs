@@ -1,6 +1,7 @@
 //! The SFU end to end: real webrtc-rs peers on 127.0.0.1 connect through
 //! ICE-lite, DTLS and SRTP to a running SFU and exchange SFrame-protected
 //! frames through it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 #[path = "support/peer.rs"]
 mod peer;

@@ -1,5 +1,6 @@
 //! Smoke test for the WebRTC test client in `support/peer.rs`: two `TestPeer`s connect to
 //! each other directly over 127.0.0.1 (no SFU involved) and exchange raw RTP packets.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 #[path = "support/peer.rs"]
 mod peer;
@@ -18,6 +19,7 @@ fn publisher_spec() -> PeerSpec {
         publish_video: true,
         recv_audio_slots: 0,
         recv_video_slots: 0,
+        simulcast: false,
     }
 }
 
@@ -27,6 +29,7 @@ fn subscriber_spec() -> PeerSpec {
         publish_video: false,
         recv_audio_slots: 1,
         recv_video_slots: 1,
+        simulcast: false,
     }
 }
 

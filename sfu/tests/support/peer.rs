@@ -9,6 +9,16 @@
 //! predictable: publish audio (sendonly), publish video (sendonly), `recv_audio_slots`
 //! audio recvonly, then `recv_video_slots` video recvonly.
 //!
+//! With [`PeerSpec::simulcast`] the video publish transceiver carries three VP8 encodings
+//! with rids `q`, `h`, `f` (lowest to highest), one SSRC each, offered the way Chrome does
+//! (`a=rid:<id> send` per layer and `a=simulcast:send q;h;f`, no `a=ssrc` lines), and the
+//! `sdes:rtp-stream-id` / `sdes:repaired-rtp-stream-id` extensions are registered for
+//! video. Each layer is written with [`TestPeer::send_video_layer`] and gets its own
+//! sequence number and timestamp; every packet carries the `sdes:mid` and
+//! `sdes:rtp-stream-id` extensions (the stack does not add them itself). A peer that
+//! should *receive* rid-based simulcast must also set `simulcast`, so that it negotiates
+//! the rid extension and can tell the layers apart.
+//!
 //! Signalling is non-trickle: [`TestPeer::create_offer`] returns the SDP only after ICE
 //! gathering has completed, so it already carries the `127.0.0.1` host candidate.
 //!
@@ -62,6 +72,13 @@ pub const VP8_PT: u8 = 96;
 pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 /// `urn:ietf:params:rtp-hdrext:sdes:mid` (RFC 8843).
 pub const MID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
+/// `urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id` (RFC 8852), the rid of a packet.
+pub const RID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
+/// `urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id` (RFC 8852).
+pub const REPAIRED_RID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id";
+/// Simulcast rids, lowest to highest layer (index = layer for
+/// [`TestPeer::send_video_layer`]).
+pub const SIMULCAST_RIDS: [&str; 3] = ["q", "h", "f"];
 
 /// RTP timestamp advance per audio packet: 20 ms at 48 kHz.
 const AUDIO_TIMESTAMP_STEP: u32 = 960;
@@ -79,6 +96,9 @@ pub struct PeerSpec {
     pub recv_audio_slots: usize,
     /// Number of recvonly video transceivers.
     pub recv_video_slots: usize,
+    /// Register the rid / repaired-rid extensions for video and, with `publish_video`,
+    /// publish VP8 simulcast: three encodings with rids [`SIMULCAST_RIDS`].
+    pub simulcast: bool,
 }
 
 /// Media kind of a received packet.
@@ -112,6 +132,9 @@ pub struct Received {
     /// RFC 6464 level (0..=127, lower is louder) from the `ssrc-audio-level` extension, if
     /// the packet carried it under the id this peer negotiated.
     pub audio_level: Option<u8>,
+    /// Value of the `sdes:rtp-stream-id` (rid) extension, if the packet carried it under
+    /// the id this peer negotiated (only when the peer registered it: `simulcast`).
+    pub rid: Option<String>,
 }
 
 /// State shared between the [`TestPeer`], its event handler and its track readers.
@@ -133,6 +156,13 @@ impl Shared {
             .lock()
             .ok()
             .and_then(|ids| ids.get(AUDIO_LEVEL_URI).copied())
+    }
+
+    fn rid_id(&self) -> Option<u8> {
+        self.ext_ids
+            .lock()
+            .ok()
+            .and_then(|ids| ids.get(RID_URI).copied())
     }
 }
 
@@ -209,6 +239,10 @@ async fn read_track(shared: Arc<Shared>, track: Arc<dyn TrackRemote>) {
                     .audio_level_id()
                     .and_then(|id| header.get_extension(id))
                     .and_then(|bytes| bytes.first().map(|b| b & 0x7f));
+                let rid = shared
+                    .rid_id()
+                    .and_then(|id| header.get_extension(id))
+                    .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
                 let received = Received {
                     kind,
                     mid: mid.clone(),
@@ -219,6 +253,7 @@ async fn read_track(shared: Arc<Shared>, track: Arc<dyn TrackRemote>) {
                     marker: header.marker,
                     payload: packet.payload.to_vec(),
                     audio_level,
+                    rid,
                 };
                 if shared.received_tx.send(received).is_err() {
                     return;
@@ -247,6 +282,9 @@ struct SendParams {
     payload_type: u8,
     /// (extension id, MID value) when `sdes:mid` is negotiated.
     mid: Option<(u8, Bytes)>,
+    /// (extension id, rid value) when the encoding has a rid and `sdes:rtp-stream-id` is
+    /// negotiated.
+    rid: Option<(u8, Bytes)>,
     audio_level_id: Option<u8>,
 }
 
@@ -257,33 +295,69 @@ struct SendState {
     params: Option<SendParams>,
 }
 
-/// One published (sendonly) track.
-struct LocalTrack {
+/// One encoding (RTP stream) of a published track: the only one, or a simulcast layer.
+struct Encoding {
     ssrc: u32,
-    mime_type: &'static str,
-    track: Arc<TrackLocalStaticRTP>,
-    transceiver: Arc<dyn RtpTransceiver>,
+    /// Simulcast rid; empty for a track without simulcast.
+    rid: String,
     state: AsyncMutex<SendState>,
 }
 
+impl Encoding {
+    fn new(ssrc: u32, rid: &str) -> Encoding {
+        let seed = random_u32(u64::from(ssrc));
+        Encoding {
+            ssrc,
+            rid: rid.to_owned(),
+            state: AsyncMutex::new(SendState {
+                sequence_number: (seed & 0x7fff) as u16,
+                timestamp: seed.rotate_left(16),
+                params: None,
+            }),
+        }
+    }
+}
+
+/// One published (sendonly) track.
+struct LocalTrack {
+    mime_type: &'static str,
+    track: Arc<TrackLocalStaticRTP>,
+    transceiver: Arc<dyn RtpTransceiver>,
+    /// One entry, or one per simulcast layer in [`SIMULCAST_RIDS`] order.
+    encodings: Vec<Encoding>,
+}
+
 impl LocalTrack {
+    /// SSRC of encoding `index`, 0 if there is no such encoding.
+    fn ssrc(&self, index: usize) -> u32 {
+        self.encodings.get(index).map_or(0, |e| e.ssrc)
+    }
+
     /// Resolves what the sender actually negotiated. `RTCRtpSender::write_rtp` in the core
     /// rejects (and the async driver merely logs) any packet whose SSRC, payload type or
     /// header-extension ids are not the sender's, while `TrackLocal::write_rtp` still
     /// returns `Ok`, so everything is taken from the sender's own parameters.
-    async fn resolve_params(&self) -> anyhow::Result<SendParams> {
+    async fn resolve_params(&self, encoding: &Encoding) -> anyhow::Result<SendParams> {
         let sender = self
             .transceiver
             .sender()
             .await?
             .context("publish transceiver has no sender")?;
         let params = sender.get_parameters().await?;
-        let ssrc_ok = params
+        let negotiated = params
             .encodings
             .iter()
-            .any(|e| e.rtp_coding_parameters.ssrc == Some(self.ssrc));
-        if !ssrc_ok {
-            bail!("sender encodings do not carry SSRC {}", self.ssrc);
+            .find(|e| e.rtp_coding_parameters.ssrc == Some(encoding.ssrc));
+        let Some(negotiated) = negotiated else {
+            bail!("sender encodings do not carry SSRC {}", encoding.ssrc);
+        };
+        if negotiated.rtp_coding_parameters.rid != encoding.rid {
+            bail!(
+                "sender encoding with SSRC {} has rid {:?}, expected {:?}",
+                encoding.ssrc,
+                negotiated.rtp_coding_parameters.rid,
+                encoding.rid
+            );
         }
         let payload_type = params
             .rtp_parameters
@@ -304,27 +378,45 @@ impl LocalTrack {
             (Some(id), Some(mid)) => Some((id, Bytes::from(mid.into_bytes()))),
             _ => None,
         };
+        let rid = if encoding.rid.is_empty() {
+            None
+        } else {
+            // Without the rid extension the receiver cannot tell the layers apart (a
+            // rid-based offer has no `a=ssrc` lines), so refuse rather than send blind.
+            let id = ext_id(RID_URI).context(
+                "simulcast sender has no negotiated sdes:rtp-stream-id extension \
+                 (does the answerer register it?)",
+            )?;
+            Some((id, Bytes::from(encoding.rid.clone().into_bytes())))
+        };
         Ok(SendParams {
             payload_type,
             mid,
+            rid,
             audio_level_id: ext_id(AUDIO_LEVEL_URI),
         })
     }
 
-    /// Sends one RTP packet stamped with the current sequence number and timestamp, then
-    /// advances them (the timestamp by `timestamp_step`).
+    /// Sends one RTP packet on encoding `index`, stamped with that encoding's current
+    /// sequence number and timestamp, then advances them (the timestamp by
+    /// `timestamp_step`).
     async fn send(
         &self,
+        index: usize,
         payload: &[u8],
         marker: bool,
         timestamp_step: u32,
         audio_level: Option<u8>,
     ) -> anyhow::Result<()> {
-        let mut state = self.state.lock().await;
+        let encoding = self
+            .encodings
+            .get(index)
+            .with_context(|| format!("no encoding {index} on this track"))?;
+        let mut state = encoding.state.lock().await;
         let params = match &state.params {
             Some(params) => params.clone(),
             None => {
-                let params = self.resolve_params().await?;
+                let params = self.resolve_params(encoding).await?;
                 state.params = Some(params.clone());
                 params
             }
@@ -335,11 +427,14 @@ impl LocalTrack {
             payload_type: params.payload_type,
             sequence_number: state.sequence_number,
             timestamp: state.timestamp,
-            ssrc: self.ssrc,
+            ssrc: encoding.ssrc,
             ..Default::default()
         };
         if let Some((id, mid)) = &params.mid {
             header.set_extension(*id, mid.clone())?;
+        }
+        if let Some((id, rid)) = &params.rid {
+            header.set_extension(*id, rid.clone())?;
         }
         if let (Some(level), Some(id)) = (audio_level, params.audio_level_id) {
             // RFC 6464 one-byte form: V flag (voice activity) + 7-bit level in -dBov.
@@ -411,8 +506,20 @@ impl TestPeer {
                 None,
             )?;
         }
-        // Sender/receiver reports only: no NACK, TWCC or simulcast extensions, so the SFU
-        // sees exactly the extensions listed above.
+        if spec.simulcast {
+            for uri in [RID_URI, REPAIRED_RID_URI] {
+                media_engine.register_header_extension(
+                    RTCRtpHeaderExtensionCapability {
+                        uri: uri.to_owned(),
+                    },
+                    RtpCodecKind::Video,
+                    None,
+                )?;
+            }
+        }
+        // Sender/receiver reports only: no NACK or TWCC (so no RTX), and simulcast
+        // extensions only with `spec.simulcast`, so the SFU sees exactly the extensions
+        // listed above.
         let registry = configure_rtcp_reports(Registry::new());
 
         let setting_engine = SettingEngineBuilder::new()
@@ -444,21 +551,34 @@ impl TestPeer {
         let pc: Arc<dyn PeerConnection> = Arc::new(pc);
         let _ = shared.pc.set(Arc::downgrade(&pc));
 
-        let audio_ssrc = random_u32(1);
-        let mut video_ssrc = random_u32(2);
-        if video_ssrc == audio_ssrc {
-            video_ssrc = video_ssrc.wrapping_add(1).max(1);
+        // Distinct non-zero SSRCs: audio, then one per video encoding.
+        let mut ssrcs: Vec<u32> = Vec::with_capacity(1 + SIMULCAST_RIDS.len());
+        for salt in 1..=(1 + SIMULCAST_RIDS.len() as u64) {
+            let mut ssrc = random_u32(salt);
+            while ssrcs.contains(&ssrc) {
+                ssrc = ssrc.wrapping_add(1).max(1);
+            }
+            ssrcs.push(ssrc);
         }
+        let audio_ssrc = ssrcs[0];
+        let video_encodings: Vec<(u32, &str)> = if spec.simulcast {
+            ssrcs[1..].iter().copied().zip(SIMULCAST_RIDS).collect()
+        } else {
+            vec![(ssrcs[1], "")]
+        };
 
         // One media stream (msid) per peer, like a browser's getUserMedia stream.
         let stream_id = format!("conclave-test-{audio_ssrc:08x}");
         let audio = if spec.publish_audio {
-            Some(add_publish_track(&pc, &stream_id, RtpCodecKind::Audio, audio_ssrc).await?)
+            Some(
+                add_publish_track(&pc, &stream_id, RtpCodecKind::Audio, &[(audio_ssrc, "")])
+                    .await?,
+            )
         } else {
             None
         };
         let video = if spec.publish_video {
-            Some(add_publish_track(&pc, &stream_id, RtpCodecKind::Video, video_ssrc).await?)
+            Some(add_publish_track(&pc, &stream_id, RtpCodecKind::Video, &video_encodings).await?)
         } else {
             None
         };
@@ -592,32 +712,58 @@ impl TestPeer {
     pub async fn send_audio(&self, payload: &[u8], audio_level: Option<u8>) -> anyhow::Result<()> {
         let track = self.audio.as_ref().context("peer does not publish audio")?;
         track
-            .send(payload, false, AUDIO_TIMESTAMP_STEP, audio_level)
+            .send(0, payload, false, AUDIO_TIMESTAMP_STEP, audio_level)
             .await
     }
 
     /// Sends one VP8 RTP packet carrying exactly `payload` with the given marker bit. The
     /// packet gets the current timestamp, which is then advanced by `timestamp_step`: pass 0
     /// for all but the last packet of a frame, and e.g. 3000 (30 fps) with `marker = true`
-    /// on the last one. Sequence number +1 per call.
+    /// on the last one. Sequence number +1 per call. With simulcast this sends on layer 0
+    /// (`q`), like `send_video_layer(0, ..)`.
     pub async fn send_video(
         &self,
         payload: &[u8],
         marker: bool,
         timestamp_step: u32,
     ) -> anyhow::Result<()> {
+        self.send_video_layer(0, payload, marker, timestamp_step)
+            .await
+    }
+
+    /// Sends one VP8 RTP packet on simulcast layer `layer` (0 = `q`, 1 = `h`, 2 = `f`;
+    /// see [`SIMULCAST_RIDS`]) with that layer's SSRC, sequence number and timestamp, which
+    /// are independent of the other layers'. The packet carries the `sdes:mid` and
+    /// `sdes:rtp-stream-id` extensions. Timestamp and marker work as in
+    /// [`TestPeer::send_video`]. Without simulcast only layer 0 exists.
+    pub async fn send_video_layer(
+        &self,
+        layer: usize,
+        payload: &[u8],
+        marker: bool,
+        timestamp_step: u32,
+    ) -> anyhow::Result<()> {
         let track = self.video.as_ref().context("peer does not publish video")?;
-        track.send(payload, marker, timestamp_step, None).await
+        track
+            .send(layer, payload, marker, timestamp_step, None)
+            .await
     }
 
     /// SSRC of the published audio track (0 if the peer does not publish audio).
     pub fn audio_ssrc(&self) -> u32 {
-        self.audio.as_ref().map_or(0, |t| t.ssrc)
+        self.audio.as_ref().map_or(0, |t| t.ssrc(0))
     }
 
-    /// SSRC of the published video track (0 if the peer does not publish video).
+    /// SSRC of the published video track (0 if the peer does not publish video). With
+    /// simulcast, the SSRC of layer 0 (`q`).
     pub fn video_ssrc(&self) -> u32 {
-        self.video.as_ref().map_or(0, |t| t.ssrc)
+        self.video_layer_ssrc(0)
+    }
+
+    /// SSRC of video simulcast layer `layer` (0 = `q`, 1 = `h`, 2 = `f`). 0 if the peer
+    /// does not publish video or has no such layer (without simulcast only layer 0).
+    pub fn video_layer_ssrc(&self, layer: usize) -> u32 {
+        self.video.as_ref().map_or(0, |t| t.ssrc(layer))
     }
 
     /// Next RTP packet received on any remote track, or `None` after `timeout`.
@@ -698,30 +844,39 @@ fn vp8_codec() -> RTCRtpCodec {
     }
 }
 
-/// Adds a sendonly transceiver around a raw-RTP track with a fixed SSRC and codec.
+/// Adds a sendonly transceiver around a raw-RTP track with fixed SSRCs and one codec.
+/// `encodings` lists `(ssrc, rid)`: one entry with an empty rid for a plain track, or one
+/// per simulcast layer (all with rids, lowest layer first), which the stack offers as
+/// `a=rid:<rid> send` lines plus `a=simulcast:send <rids in this order>`.
 async fn add_publish_track(
     pc: &Arc<dyn PeerConnection>,
     stream_id: &str,
     kind: RtpCodecKind,
-    ssrc: u32,
+    encodings: &[(u32, &str)],
 ) -> anyhow::Result<LocalTrack> {
     let (codec, mime_type, name) = match kind {
         RtpCodecKind::Audio => (opus_codec(), MIME_TYPE_OPUS, "audio"),
         _ => (vp8_codec(), MIME_TYPE_VP8, "video"),
     };
-    let media = MediaStreamTrack::new(
-        stream_id.to_owned(),
-        format!("conclave-test-{name}-{ssrc:08x}"),
-        format!("conclave-test-{name}"),
-        kind,
-        vec![RTCRtpEncodingParameters {
+    let &(first_ssrc, _) = encodings.first().context("a track needs an encoding")?;
+    let codings = encodings
+        .iter()
+        .map(|&(ssrc, rid)| RTCRtpEncodingParameters {
             rtp_coding_parameters: RTCRtpCodingParameters {
+                rid: rid.to_owned(),
                 ssrc: Some(ssrc),
                 ..Default::default()
             },
-            codec,
+            codec: codec.clone(),
             ..Default::default()
-        }],
+        })
+        .collect();
+    let media = MediaStreamTrack::new(
+        stream_id.to_owned(),
+        format!("conclave-test-{name}-{first_ssrc:08x}"),
+        format!("conclave-test-{name}"),
+        kind,
+        codings,
     );
     let track = Arc::new(TrackLocalStaticRTP::new(media));
     let transceiver = pc
@@ -733,17 +888,14 @@ async fn add_publish_track(
             }),
         )
         .await?;
-    let seed = random_u32(u64::from(ssrc));
     Ok(LocalTrack {
-        ssrc,
         mime_type,
         track,
         transceiver,
-        state: AsyncMutex::new(SendState {
-            sequence_number: (seed & 0x7fff) as u16,
-            timestamp: seed.rotate_left(16),
-            params: None,
-        }),
+        encodings: encodings
+            .iter()
+            .map(|&(ssrc, rid)| Encoding::new(ssrc, rid))
+            .collect(),
     })
 }
 
