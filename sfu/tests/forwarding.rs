@@ -419,3 +419,100 @@ async fn audio_slots_follow_the_loudest_speakers() {
     assert_eq!(dominant.as_deref(), Some("u:speaker2/d"));
     h.sfu.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulcast_layer_switches_on_key_frames_with_continuous_numbering() {
+    let mut config = SfuConfig::loopback();
+    config.workers = 1;
+    // No bandwidth estimate: the subscriber's maximum layer decides.
+    config.congestion_control = false;
+    let h = start(config);
+    h.sfu.epoch_changed(CALL, EPOCH);
+    let (publisher, _) = join(
+        &h,
+        "u:presenter/d",
+        PeerSpec {
+            publish_video: true,
+            simulcast: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (viewer, viewer_id) = join(
+        &h,
+        "u:viewer/d",
+        PeerSpec {
+            recv_video_slots: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut senders: Vec<Sender> = (0..3).map(|_| Sender::new(EPOCH, 1, 1)).collect();
+    // Frames are identified by their (protected) bytes, which differ per layer.
+    let mut sent: Vec<(u8, bool, Vec<u8>)> = Vec::new();
+    let mut send = async |key: [bool; 3], sent: &mut Vec<(u8, bool, Vec<u8>)>| {
+        for (layer, s) in senders.iter_mut().enumerate() {
+            let payload = s.vp8(key[layer], layer as u8);
+            publisher
+                .send_video_layer(layer, &payload, true, 3000)
+                .await
+                .expect("layer");
+            sent.push((layer as u8, key[layer], payload));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Key frames on every layer, then deltas. Once the SFU has measured the
+    // layers it targets the top one (no budget, max layer 2) and moves there
+    // on that layer's next key frame.
+    send([true; 3], &mut sent).await;
+    for _ in 0..5 {
+        send([false; 3], &mut sent).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    send([true; 3], &mut sent).await;
+    for _ in 0..5 {
+        send([false; 3], &mut sent).await;
+    }
+    // Cap the viewer at the lowest layer; the SFU keeps sending the top
+    // layer until the lowest one produces a key frame.
+    h.sfu
+        .set_quality(viewer_id, conclave_sfu::QualityPrefs { max_layer: 0 });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..3 {
+        send([false; 3], &mut sent).await;
+    }
+    send([true, false, false], &mut sent).await;
+    for _ in 0..5 {
+        send([false; 3], &mut sent).await;
+    }
+    let got = collect(&viewer, 100).await;
+    let layers: Vec<(u8, bool)> = got
+        .iter()
+        .map(|r| {
+            let (layer, key, _) = sent
+                .iter()
+                .find(|(_, _, p)| *p == r.payload)
+                .expect("a frame the publisher sent");
+            (*layer, *key)
+        })
+        .collect();
+    // Only one layer at a time, entered only on its key frames.
+    assert!(layers[0].1, "starts on a key frame: {layers:?}");
+    for w in layers.windows(2) {
+        if w[1].0 != w[0].0 {
+            assert!(w[1].1, "layer switch on a key frame: {layers:?}");
+        }
+    }
+    let top = layers.iter().position(|(l, _)| *l == 2).expect("went up");
+    let back = top + layers[top..].iter().position(|(l, _)| *l == 0).expect("came down");
+    // Up for the 6 top-layer frames plus the 3 sent before the low key frame.
+    assert_eq!(back - top, 9, "{layers:?}");
+    assert_eq!(layers.len() - back, 6, "{layers:?}");
+    // One continuous stream for the viewer.
+    for w in got.windows(2) {
+        assert_eq!(w[1].ssrc, w[0].ssrc);
+        assert_eq!(w[1].sequence_number, w[0].sequence_number.wrapping_add(1));
+        assert!(w[1].timestamp.wrapping_sub(w[0].timestamp) < 90_000);
+    }
+    h.sfu.shutdown();
+}
