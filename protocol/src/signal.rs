@@ -108,8 +108,68 @@ pub enum ClientMessage {
         /// The call.
         call_id: String,
     },
+    /// Opens (or replaces) this session's media connection for a call it
+    /// has joined: a WebRTC SDP offer for the SFU, answered with
+    /// [`ServerMessage::MediaAnswer`]. Sending m-lines are what the client
+    /// publishes (first audio = microphone, first video = camera, second
+    /// video = screen, unless `sources` says otherwise); `recvonly` m-lines
+    /// are receive slots the SFU fills.
+    MediaOffer {
+        /// The call.
+        call_id: String,
+        /// The SDP offer (at most [`MAX_SDP`] bytes).
+        sdp: String,
+        /// Explicit mid → source assignments.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        sources: Vec<MediaSourceMid>,
+    },
+    /// The highest simulcast layer this client wants (0 = lowest, 2 = highest).
+    SetQuality {
+        /// The call.
+        call_id: String,
+        /// Highest layer, 0–2.
+        max_layer: u8,
+    },
+    /// Keeps a member's source in this client's video slots (or stops).
+    Pin {
+        /// The call.
+        call_id: String,
+        /// The member's user id.
+        user_id: String,
+        /// The member's device id.
+        device_id: String,
+        /// Which of its sources.
+        source: MediaSource,
+        /// Pin (true) or unpin (false).
+        pinned: bool,
+    },
     /// Keep-alive; answered with [`ServerMessage::Pong`].
     Ping {},
+}
+
+/// Largest SDP offer accepted.
+pub const MAX_SDP: usize = 64 * 1024;
+
+/// A media source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaSource {
+    /// Microphone.
+    Audio,
+    /// Camera.
+    Camera,
+    /// Screen share.
+    Screen,
+}
+
+/// Which m-line of an offer carries which source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaSourceMid {
+    /// The m-line's mid.
+    pub mid: String,
+    /// Its source.
+    pub source: MediaSource,
 }
 
 /// A message from the server.
@@ -224,6 +284,34 @@ pub enum ServerMessage {
         call_id: String,
         /// Why.
         reason: RemovalReason,
+    },
+    /// The SFU's answer to [`ClientMessage::MediaOffer`].
+    MediaAnswer {
+        /// The call.
+        call_id: String,
+        /// The SDP answer.
+        sdp: String,
+        /// Audio receive slots granted.
+        audio_slots: u32,
+        /// Video receive slots granted.
+        video_slots: u32,
+    },
+    /// The media connection ended (ICE timeout or failure); offer again to
+    /// reconnect.
+    MediaClosed {
+        /// The call.
+        call_id: String,
+        /// Why, in words.
+        reason: String,
+    },
+    /// The loudest speaker in the call changed.
+    ActiveSpeaker {
+        /// The call.
+        call_id: String,
+        /// Speaker's user id.
+        user_id: String,
+        /// Speaker's device id.
+        device_id: String,
     },
     /// Answer to [`ClientMessage::Ping`].
     Pong,
@@ -368,7 +456,33 @@ impl ClientEnvelope {
             | ClientMessage::Commit { call_id, .. }
             | ClientMessage::EpochAck { call_id, .. }
             | ClientMessage::SetMute { call_id, .. }
-            | ClientMessage::LeaveCall { call_id } => check_id(call_id, "call_id")?,
+            | ClientMessage::LeaveCall { call_id }
+            | ClientMessage::SetQuality { call_id, .. } => check_id(call_id, "call_id")?,
+            ClientMessage::MediaOffer {
+                call_id,
+                sdp,
+                sources,
+            } => {
+                check_id(call_id, "call_id")?;
+                if sdp.is_empty() || sdp.len() > MAX_SDP {
+                    return Err(DecodeError::Invalid(format!(
+                        "sdp must be 1 to {MAX_SDP} bytes"
+                    )));
+                }
+                if sources.len() > 16 || sources.iter().any(|s| !valid_id(&s.mid)) {
+                    return Err(DecodeError::BadId("sources"));
+                }
+            }
+            ClientMessage::Pin {
+                call_id,
+                user_id,
+                device_id,
+                ..
+            } => {
+                check_id(call_id, "call_id")?;
+                check_id(user_id, "user_id")?;
+                check_id(device_id, "device_id")?;
+            }
             ClientMessage::Ping {} => {}
         }
         Ok(env)
@@ -460,5 +574,51 @@ mod tests {
             Err(DecodeError::TooLarge(_))
         ));
         assert!(ClientEnvelope::decode("not json").is_err());
+        assert!(matches!(
+            ClientEnvelope::decode(r#"{"v":1,"type":"media_offer","call_id":"c","sdp":""}"#),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            ClientEnvelope::decode(
+                r#"{"v":1,"type":"pin","call_id":"c","user_id":"a b","device_id":"d","source":"camera","pinned":true}"#
+            ),
+            Err(DecodeError::BadId("user_id"))
+        ));
+    }
+
+    #[test]
+    fn media_messages_round_trip() {
+        let text = ClientEnvelope::encode(
+            Some(1),
+            ClientMessage::MediaOffer {
+                call_id: "c".into(),
+                sdp: "v=0\r\n".into(),
+                sources: vec![MediaSourceMid {
+                    mid: "1".into(),
+                    source: MediaSource::Screen,
+                }],
+            },
+        );
+        assert!(text.contains(r#""type":"media_offer""#));
+        assert!(text.contains(r#""source":"screen""#));
+        assert!(ClientEnvelope::decode(&text).is_ok());
+        let answer = ServerEnvelope::encode(
+            Some(1),
+            ServerMessage::MediaAnswer {
+                call_id: "c".into(),
+                sdp: "v=0".into(),
+                audio_slots: 3,
+                video_slots: 9,
+            },
+        );
+        assert_eq!(
+            ServerEnvelope::decode(&answer).unwrap().msg,
+            ServerMessage::MediaAnswer {
+                call_id: "c".into(),
+                sdp: "v=0".into(),
+                audio_slots: 3,
+                video_slots: 9,
+            }
+        );
     }
 }

@@ -184,6 +184,9 @@ pub enum SfuError {
     /// The SFU has stopped.
     #[error("SFU stopped")]
     Stopped,
+    /// No media plane is attached to this server.
+    #[error("no media server is available")]
+    Unavailable,
     /// The WebRTC stack refused the session.
     #[error("WebRTC error: {0}")]
     Rtc(String),

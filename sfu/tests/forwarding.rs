@@ -504,7 +504,11 @@ async fn simulcast_layer_switches_on_key_frames_with_continuous_numbering() {
         }
     }
     let top = layers.iter().position(|(l, _)| *l == 2).expect("went up");
-    let back = top + layers[top..].iter().position(|(l, _)| *l == 0).expect("came down");
+    let back = top
+        + layers[top..]
+            .iter()
+            .position(|(l, _)| *l == 0)
+            .expect("came down");
     // Up for the 6 top-layer frames plus the 3 sent before the low key frame.
     assert_eq!(back - top, 9, "{layers:?}");
     assert_eq!(layers.len() - back, 6, "{layers:?}");

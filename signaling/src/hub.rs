@@ -11,7 +11,10 @@ use conclave_protocol::signal::{ErrorCode, RemovalReason, ServerEnvelope, Server
 use tokio::sync::mpsc;
 
 use crate::call::{Call, CallConfig, CallEvent, JoinLimits, Outbound, Refusal, SessionId};
-use crate::sfu::SfuControl;
+use crate::sfu::{
+    MediaSessionId, PublishRights, QualityPrefs, SessionRequest, SfuControl, SfuError, SfuEvent,
+    Source, parse_participant, participant,
+};
 
 /// Frames queued for a session before it counts as too slow and is closed.
 pub const OUTBOX_CAPACITY: usize = 4096;
@@ -115,12 +118,18 @@ struct SessionEntry {
     user_id: String,
     outbox: mpsc::Sender<SessionFrame>,
     calls: Vec<String>,
+    /// The device this session joined each call with.
+    devices: HashMap<String, String>,
 }
 
 struct HubState {
     calls: HashMap<String, mpsc::UnboundedSender<CallInput>>,
     sessions: HashMap<SessionId, SessionEntry>,
     next_session: SessionId,
+    /// Media sessions on the SFU, by (signaling session, call).
+    media: HashMap<(SessionId, String), MediaSessionId>,
+    /// The reverse of `media`.
+    media_owner: HashMap<MediaSessionId, (SessionId, String)>,
 }
 
 /// Shared run-time state of the signaling server.
@@ -153,6 +162,8 @@ impl Hub {
                 calls: HashMap::new(),
                 sessions: HashMap::new(),
                 next_session: 1,
+                media: HashMap::new(),
+                media_owner: HashMap::new(),
             })),
             server,
             config,
@@ -209,6 +220,7 @@ impl Hub {
                 user_id: user_id.to_owned(),
                 outbox: tx,
                 calls: Vec::new(),
+                devices: HashMap::new(),
             },
         );
         self.stats.sessions.inc();
@@ -221,6 +233,7 @@ impl Hub {
         if let Some(e) = entry {
             self.stats.sessions.dec();
             for call in e.calls {
+                self.close_media(session, &call);
                 self.to_call(
                     &call,
                     CallInput::Leave {
@@ -323,11 +336,15 @@ impl Hub {
     /// Joins a call, starting its task if it has none.
     pub fn join(&self, call_id: &str, input: CallInput) {
         let mut st = self.lock();
-        if let CallInput::Join { session, .. } = &input
+        if let CallInput::Join {
+            session, device_id, ..
+        } = &input
             && let Some(e) = st.sessions.get_mut(session)
-            && !e.calls.iter().any(|c| c == call_id)
         {
-            e.calls.push(call_id.to_owned());
+            if !e.calls.iter().any(|c| c == call_id) {
+                e.calls.push(call_id.to_owned());
+            }
+            e.devices.insert(call_id.to_owned(), device_id.clone());
         }
         let tx = st
             .calls
@@ -510,7 +527,10 @@ impl Hub {
                     self.sfu.epoch_changed(call.id(), epoch);
                     self.audit(call.id(), "rekeyed", None, None, Some(epoch));
                 }
-                CallEvent::SessionLeft(s) => self.forget_call(s, call.id()),
+                CallEvent::SessionLeft(s) => {
+                    self.forget_call(s, call.id());
+                    self.close_media(s, call.id());
+                }
                 CallEvent::Created { user_id, device_id } => {
                     self.audit(
                         call.id(),
@@ -542,6 +562,214 @@ impl Hub {
                     self.audit(call.id(), kind, Some(&user_id), Some(&device_id), None);
                 }
             }
+        }
+    }
+}
+
+impl Hub {
+    /// Opens (or replaces) a session's media connection for a call it has
+    /// joined, and replies with the SFU's answer.
+    pub async fn media_offer(
+        &self,
+        session: SessionId,
+        id: Option<u64>,
+        call_id: String,
+        sdp: String,
+        sources: Vec<(String, Source)>,
+        rights: PublishRights,
+    ) {
+        let who = {
+            let st = self.lock();
+            st.sessions.get(&session).and_then(|e| {
+                e.calls
+                    .contains(&call_id)
+                    .then(|| {
+                        e.devices
+                            .get(&call_id)
+                            .map(|d| (e.user_id.clone(), d.clone()))
+                    })
+                    .flatten()
+            })
+        };
+        let Some((user, device)) = who else {
+            self.refuse(
+                session,
+                id,
+                refusal(ErrorCode::NotFound, "join the call before offering media"),
+            );
+            return;
+        };
+        self.close_media(session, &call_id);
+        let request = SessionRequest {
+            call_id: call_id.clone(),
+            participant: participant(&user, &device),
+            offer_sdp: sdp,
+            rights,
+            sources,
+        };
+        match self.sfu.create_session(request).await {
+            Ok(answer) => {
+                let kept = {
+                    let mut st = self.lock();
+                    let member = st
+                        .sessions
+                        .get(&session)
+                        .is_some_and(|e| e.calls.contains(&call_id));
+                    if member {
+                        st.media.insert((session, call_id.clone()), answer.session);
+                        st.media_owner
+                            .insert(answer.session, (session, call_id.clone()));
+                    }
+                    member
+                };
+                if !kept {
+                    // Left the call while the SFU was answering.
+                    self.sfu.close_session(answer.session);
+                    return;
+                }
+                self.send(
+                    session,
+                    id,
+                    ServerMessage::MediaAnswer {
+                        call_id,
+                        sdp: answer.answer_sdp,
+                        audio_slots: u32::try_from(answer.slots.0).unwrap_or(u32::MAX),
+                        video_slots: u32::try_from(answer.slots.1).unwrap_or(u32::MAX),
+                    },
+                );
+            }
+            Err(e) => {
+                let code = match e {
+                    SfuError::BadOffer(_) => ErrorCode::BadRequest,
+                    _ => ErrorCode::Internal,
+                };
+                self.refuse(session, id, refusal(code, e.to_string()));
+            }
+        }
+    }
+
+    /// Closes a session's media connection for a call, if it has one.
+    pub fn close_media(&self, session: SessionId, call_id: &str) {
+        let media = {
+            let mut st = self.lock();
+            let m = st.media.remove(&(session, call_id.to_owned()));
+            if let Some(m) = m {
+                st.media_owner.remove(&m);
+            }
+            m
+        };
+        if let Some(m) = media {
+            self.sfu.close_session(m);
+        }
+    }
+
+    fn media_of(&self, session: SessionId, call_id: &str) -> Option<MediaSessionId> {
+        self.lock()
+            .media
+            .get(&(session, call_id.to_owned()))
+            .copied()
+    }
+
+    /// Sets the highest simulcast layer a session receives.
+    pub fn set_quality(&self, session: SessionId, id: Option<u64>, call_id: &str, max_layer: u8) {
+        match self.media_of(session, call_id) {
+            Some(m) => self.sfu.set_quality(
+                m,
+                QualityPrefs {
+                    max_layer: max_layer.min(2),
+                },
+            ),
+            None => self.refuse(
+                session,
+                id,
+                refusal(ErrorCode::NotFound, "no media connection for this call"),
+            ),
+        }
+    }
+
+    /// Pins or unpins a member's source in a session's video slots.
+    pub fn pin(
+        &self,
+        session: SessionId,
+        id: Option<u64>,
+        call_id: &str,
+        member: (&str, &str),
+        source: Source,
+        pinned: bool,
+    ) {
+        match self.media_of(session, call_id) {
+            Some(m) => self
+                .sfu
+                .pin(m, &participant(member.0, member.1), source, pinned),
+            None => self.refuse(
+                session,
+                id,
+                refusal(ErrorCode::NotFound, "no media connection for this call"),
+            ),
+        }
+    }
+
+    /// Relays the SFU's events to the clients concerned.
+    pub fn attach_sfu_events(&self, mut events: mpsc::UnboundedReceiver<SfuEvent>) {
+        let hub = self.clone();
+        tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                hub.on_sfu_event(e);
+            }
+        });
+    }
+
+    fn on_sfu_event(&self, event: SfuEvent) {
+        match event {
+            SfuEvent::DominantSpeaker {
+                call_id,
+                participant,
+            } => {
+                let Some((user_id, device_id)) = parse_participant(&participant) else {
+                    return;
+                };
+                let msg = ServerMessage::ActiveSpeaker {
+                    call_id: call_id.clone(),
+                    user_id: user_id.to_owned(),
+                    device_id: device_id.to_owned(),
+                };
+                let text = ServerEnvelope::encode(None, msg);
+                let st = self.lock();
+                for (sid, e) in &st.sessions {
+                    if e.calls.contains(&call_id) {
+                        self.push(&st, *sid, "active_speaker", text.clone());
+                    }
+                }
+            }
+            SfuEvent::SessionDown {
+                session, reason, ..
+            } if reason != crate::sfu::DownReason::Closed => {
+                let owner = {
+                    let mut st = self.lock();
+                    let o = st.media_owner.remove(&session);
+                    if let Some(o) = &o {
+                        st.media.remove(o);
+                    }
+                    o
+                };
+                if let Some((sid, call_id)) = owner {
+                    let reason = match reason {
+                        crate::sfu::DownReason::Timeout => "no media packets within the timeout",
+                        crate::sfu::DownReason::Failed => "ICE or DTLS failed",
+                        crate::sfu::DownReason::Fault => "media session fault",
+                        _ => "media server shutting down",
+                    };
+                    self.send(
+                        sid,
+                        None,
+                        ServerMessage::MediaClosed {
+                            call_id,
+                            reason: reason.to_owned(),
+                        },
+                    );
+                }
+            }
+            _ => {}
         }
     }
 }

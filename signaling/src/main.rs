@@ -3,7 +3,7 @@
 //! Settings come from, in increasing priority: built-in defaults, a TOML
 //! file (`--config`), `CONCLAVE_*` environment variables, and flags.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use conclave_protocol::mls::{Identity, Principal};
-use conclave_signaling::sfu::NoSfu;
+use conclave_sfu::{Sfu, SfuConfig, SfuMetrics};
+use conclave_signaling::sfu::{NoSfu, SfuControl};
 use conclave_signaling::{AppState, CallConfig, auth, router};
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
@@ -41,6 +42,19 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "CONCLAVE_LOG_JSON")]
     log_json: bool,
+    /// UDP address of the embedded SFU [default: the HTTP IP, port 7882].
+    #[arg(long, env = "CONCLAVE_SFU_BIND")]
+    sfu_bind: Option<SocketAddr>,
+    /// IP the SFU advertises to clients, when behind 1:1 NAT [default: the bind IP,
+    /// or 127.0.0.1 if that is unspecified].
+    #[arg(long, env = "CONCLAVE_SFU_ADVERTISED_IP")]
+    sfu_advertised_ip: Option<IpAddr>,
+    /// SFU worker threads [default: one per CPU].
+    #[arg(long, env = "CONCLAVE_SFU_WORKERS")]
+    sfu_workers: Option<usize>,
+    /// Run signaling only, without the embedded SFU.
+    #[arg(long, env = "CONCLAVE_NO_SFU")]
+    no_sfu: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +66,10 @@ struct FileConfig {
     name: Option<String>,
     batch_ms: Option<u64>,
     log_json: Option<bool>,
+    sfu_bind: Option<SocketAddr>,
+    sfu_advertised_ip: Option<IpAddr>,
+    sfu_workers: Option<usize>,
+    no_sfu: Option<bool>,
 }
 
 /// Reads the token-signing key from the data directory, creating it on first run.
@@ -117,11 +135,38 @@ async fn main() -> anyhow::Result<()> {
         batch_window: Duration::from_millis(batch_ms),
         ..CallConfig::default()
     };
+    // The media plane, in-process.
+    let sfu_registry = prometheus::Registry::new();
+    let (sfu, sfu_events) = if args.no_sfu || file.no_sfu.unwrap_or(false) {
+        (None, None)
+    } else {
+        let defaults = SfuConfig::default();
+        let bind = args
+            .sfu_bind
+            .or(file.sfu_bind)
+            .unwrap_or_else(|| SocketAddr::new(http.ip(), defaults.bind.port()));
+        let config = SfuConfig {
+            bind,
+            advertised_ip: args.sfu_advertised_ip.or(file.sfu_advertised_ip),
+            workers: args
+                .sfu_workers
+                .or(file.sfu_workers)
+                .unwrap_or(defaults.workers),
+            ..defaults
+        };
+        let metrics = SfuMetrics::new(&sfu_registry).context("SFU metrics")?;
+        let (sfu, events) = Sfu::start(config, metrics).context("starting the SFU")?;
+        (Some(Arc::new(sfu)), Some(events))
+    };
+    let control: Arc<dyn SfuControl> = match &sfu {
+        Some(s) => s.clone(),
+        None => Arc::new(NoSfu),
+    };
     let state = AppState::open(
         &database_url,
         server,
         config,
-        Arc::new(NoSfu),
+        control,
         &token_key(&data_dir)?,
         Duration::from_secs(15 * 60),
     )
@@ -165,6 +210,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    state.metrics.also_render(sfu_registry);
+    if let Some(events) = sfu_events {
+        state.hub.attach_sfu_events(events);
+    }
+
     let listener = tokio::net::TcpListener::bind(http)
         .await
         .with_context(|| format!("binding {http}"))?;
@@ -175,6 +225,9 @@ async fn main() -> anyhow::Result<()> {
         })
         .await
         .context("serving HTTP")?;
+    if let Some(sfu) = sfu {
+        sfu.shutdown();
+    }
     Ok(())
 }
 

@@ -9,6 +9,8 @@ use prometheus::{
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// Registries of embedded components (the SFU), rendered alongside.
+    extra: std::sync::RwLock<Vec<Registry>>,
     /// Connected WebSocket sessions.
     pub sessions: IntGauge,
     /// Calls with at least one member.
@@ -28,6 +30,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Renders `registry` (an embedded component's metrics) on `/metrics` too.
+    pub fn also_render(&self, registry: Registry) {
+        if let Ok(mut extra) = self.extra.write() {
+            extra.push(registry);
+        }
+    }
+
     /// Registers every metric in a fresh registry.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("conclave_signaling".into()), None)?;
@@ -72,6 +81,7 @@ impl Metrics {
         registry.register(Box::new(rekey_fanout_bytes.clone()))?;
         Ok(Self {
             registry,
+            extra: std::sync::RwLock::new(Vec::new()),
             sessions,
             calls,
             participants,
@@ -86,10 +96,13 @@ impl Metrics {
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        if TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .is_err()
-        {
+        let mut families = self.registry.gather();
+        if let Ok(extra) = self.extra.read() {
+            for r in extra.iter() {
+                families.extend(r.gather());
+            }
+        }
+        if TextEncoder::new().encode(&families, &mut buf).is_err() {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
@@ -105,6 +118,9 @@ pub fn client_kind(msg: &ClientMessage) -> &'static str {
         ClientMessage::EpochAck { .. } => "epoch_ack",
         ClientMessage::SetMute { .. } => "set_mute",
         ClientMessage::LeaveCall { .. } => "leave_call",
+        ClientMessage::MediaOffer { .. } => "media_offer",
+        ClientMessage::SetQuality { .. } => "set_quality",
+        ClientMessage::Pin { .. } => "pin",
         ClientMessage::Ping {} => "ping",
     }
 }
@@ -122,6 +138,9 @@ pub fn message_kind(msg: &ServerMessage) -> &'static str {
         ServerMessage::EpochReady { .. } => "epoch_ready",
         ServerMessage::Roster { .. } => "roster",
         ServerMessage::Removed { .. } => "removed",
+        ServerMessage::MediaAnswer { .. } => "media_answer",
+        ServerMessage::MediaClosed { .. } => "media_closed",
+        ServerMessage::ActiveSpeaker { .. } => "active_speaker",
         ServerMessage::Pong => "pong",
         ServerMessage::Error { .. } => "error",
     }

@@ -11,8 +11,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use conclave_protocol::mls::{encode_signing_identity, validate_key_package};
 use conclave_protocol::signal::{
-    Bytes, ClientEnvelope, ClientMessage, ErrorCode, MAX_CLIENT_MESSAGE, RemovalReason,
-    ServerMessage,
+    Bytes, ClientEnvelope, ClientMessage, ErrorCode, MAX_CLIENT_MESSAGE, MediaSource,
+    RemovalReason, ServerMessage,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -21,6 +21,7 @@ use crate::AppState;
 use crate::auth::{Claims, TokenKind};
 use crate::call::{JoinLimits, Refusal, SessionId};
 use crate::hub::{CallInput, SessionFrame, refusal};
+use crate::sfu::{PublishRights, Source};
 
 /// `?token=` on the WebSocket URL (browsers cannot set headers on WebSockets).
 #[derive(Debug, Deserialize)]
@@ -271,6 +272,55 @@ async fn handle_text(app: &AppState, sid: SessionId, claims: &Claims, text: &str
                 video,
             },
         ),
+        ClientMessage::MediaOffer {
+            call_id,
+            sdp,
+            sources,
+        } => {
+            let policy = if claims.kind == TokenKind::Guest {
+                crate::db::Policy::default()
+            } else {
+                match app.db.policy_of(&claims.sub).await {
+                    Ok(p) => p,
+                    Err(_) => {
+                        hub.refuse(
+                            sid,
+                            id,
+                            refusal(ErrorCode::Internal, "could not read your policy"),
+                        );
+                        return;
+                    }
+                }
+            };
+            let rights = PublishRights {
+                audio: policy.may_publish_audio,
+                camera: policy.may_publish_video,
+                screen: policy.may_share_screen,
+            };
+            let sources = sources
+                .into_iter()
+                .map(|s| (s.mid, media_source(s.source)))
+                .collect();
+            hub.media_offer(sid, id, call_id, sdp, sources, rights)
+                .await;
+        }
+        ClientMessage::SetQuality { call_id, max_layer } => {
+            hub.set_quality(sid, id, &call_id, max_layer);
+        }
+        ClientMessage::Pin {
+            call_id,
+            user_id,
+            device_id,
+            source,
+            pinned,
+        } => hub.pin(
+            sid,
+            id,
+            &call_id,
+            (&user_id, &device_id),
+            media_source(source),
+            pinned,
+        ),
         ClientMessage::LeaveCall { call_id } => routed(
             &call_id,
             CallInput::Leave {
@@ -279,6 +329,14 @@ async fn handle_text(app: &AppState, sid: SessionId, claims: &Claims, text: &str
                 reason: RemovalReason::Left,
             },
         ),
+    }
+}
+
+fn media_source(s: MediaSource) -> Source {
+    match s {
+        MediaSource::Audio => Source::Audio,
+        MediaSource::Camera => Source::Camera,
+        MediaSource::Screen => Source::Screen,
     }
 }
 

@@ -43,12 +43,36 @@ pub async fn start(config: CallConfig) -> TestServer {
 }
 
 pub async fn start_with(config: CallConfig, db_url: &str) -> TestServer {
+    start_full(config, db_url, Arc::new(NoSfu)).await
+}
+
+/// A server with a real SFU on 127.0.0.1, its events wired to the hub.
+pub async fn start_with_sfu(config: CallConfig) -> (TestServer, Arc<conclave_sfu::Sfu>) {
+    let (sfu, events) = conclave_sfu::Sfu::start(
+        conclave_sfu::SfuConfig {
+            workers: 1,
+            ..conclave_sfu::SfuConfig::loopback()
+        },
+        conclave_sfu::SfuMetrics::unregistered(),
+    )
+    .unwrap();
+    let sfu = Arc::new(sfu);
+    let server = start_full(config, &temp_db_url(), sfu.clone()).await;
+    server.state.hub.attach_sfu_events(events);
+    (server, sfu)
+}
+
+pub async fn start_full(
+    config: CallConfig,
+    db_url: &str,
+    sfu: Arc<dyn conclave_signaling::sfu::SfuControl>,
+) -> TestServer {
     let server = Identity::generate(Principal::server("test-server").unwrap()).unwrap();
     let state = AppState::open(
         db_url,
         server,
         config,
-        Arc::new(NoSfu),
+        sfu,
         SECRET,
         Duration::from_secs(600),
     )
@@ -118,6 +142,8 @@ pub struct Status {
     pub errors: Vec<(ErrorCode, String)>,
     pub epoch_code: Option<String>,
     pub closed: bool,
+    pub media_answers: Vec<(Option<u64>, String, u32, u32)>,
+    pub media_closed: Vec<String>,
 }
 
 pub enum Cmd {
@@ -305,7 +331,22 @@ async fn run(
                 }
                 status.lock().unwrap().errors.push((code, message));
             }
-            ServerMessage::Ready { .. } | ServerMessage::Pong => {}
+            ServerMessage::MediaAnswer {
+                sdp,
+                audio_slots,
+                video_slots,
+                ..
+            } => status
+                .lock()
+                .unwrap()
+                .media_answers
+                .push((env.id, sdp, audio_slots, video_slots)),
+            ServerMessage::MediaClosed { reason, .. } => {
+                status.lock().unwrap().media_closed.push(reason)
+            }
+            ServerMessage::Ready { .. }
+            | ServerMessage::Pong
+            | ServerMessage::ActiveSpeaker { .. } => {}
         }
         for r in reply {
             if ws.send(text(r)).await.is_err() {
