@@ -532,6 +532,8 @@ impl Hub {
                     self.close_media(s, call.id());
                 }
                 CallEvent::Created { user_id, device_id } => {
+                    // The group exists at epoch 0: its frames may flow.
+                    self.sfu.epoch_changed(call.id(), 0);
                     self.audit(
                         call.id(),
                         "created",
