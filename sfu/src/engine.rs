@@ -32,6 +32,9 @@ use crate::worker::{Command, Shared};
 
 /// How often each call re-ranks speakers and re-plans slots.
 pub const CALL_TICK: Duration = Duration::from_millis(250);
+/// A call with no sessions keeps its epoch state this long after its last
+/// activity (an epoch change or a session leaving), then is forgotten.
+const CALL_IDLE: Duration = Duration::from_secs(600);
 /// Margin (in smoothed loudness) a speaker needs to displace another.
 const SPEAKER_MARGIN: f32 = 6.0;
 
@@ -53,6 +56,10 @@ struct Call {
     dominant: Option<SessionId>,
     /// (publisher, source) → subscriber slots it feeds.
     routes: HashMap<(SessionId, Source), Vec<(SessionId, usize)>>,
+    /// A `Timer::Call` is pending.
+    tick_armed: bool,
+    /// Last epoch change or departure.
+    last_activity: Instant,
 }
 
 /// A packet to forward, with what the slot logic needs to know about it.
@@ -208,9 +215,20 @@ impl Engine {
                 speakers: Vec::new(),
                 dominant: None,
                 routes: HashMap::new(),
+                tick_armed: false,
+                last_activity: Instant::now(),
             },
         );
         c
+    }
+
+    fn ensure_tick(&mut self, call_key: u64, at: Instant) {
+        if let Some(call) = self.calls.get_mut(&call_key)
+            && !call.tick_armed
+        {
+            call.tick_armed = true;
+            self.timers.push(Reverse((at, Timer::Call(call_key))));
+        }
     }
 
     fn create(
@@ -272,20 +290,10 @@ impl Engine {
         self.shared.route_ufrag(built.ufrag, self.index);
         self.shared.session_count.fetch_add(1, Ordering::Relaxed);
         self.shared.metrics.sessions.inc();
-        let first_in_call = {
-            let c = self.calls.get_mut(&call);
-            match c {
-                Some(c) => {
-                    c.sessions.push(id);
-                    c.sessions.len() == 1
-                }
-                None => false,
-            }
-        };
-        if first_in_call {
-            self.timers
-                .push(Reverse((now + CALL_TICK, Timer::Call(call))));
+        if let Some(c) = self.calls.get_mut(&call) {
+            c.sessions.push(id);
         }
+        self.ensure_tick(call, now + CALL_TICK);
         self.timers.push(Reverse((
             now + self.shared.config.setup_timeout,
             Timer::Reap(id),
@@ -312,8 +320,10 @@ impl Engine {
                 None => call.live = Some(LiveEpochs::new(KidLayout::default(), epoch)),
             }
             call.epoch = Some(epoch);
+            call.last_activity = now;
             publishers = call.sessions.clone();
         }
+        self.ensure_tick(c, now + CALL_TICK);
         // New keys: every video publisher sends a key frame under them.
         for p in publishers {
             for source in [Source::Camera, Source::Screen] {
@@ -899,12 +909,18 @@ impl Engine {
     }
 
     fn call_tick(&mut self, call_key: u64, now: Instant) {
-        let Some(call) = self.calls.get(&call_key) else {
+        let Some(call) = self.calls.get_mut(&call_key) else {
             return;
         };
+        call.tick_armed = false;
         if call.sessions.is_empty() {
-            if let Some(call) = self.calls.remove(&call_key) {
-                self.call_ids.remove(&call.id);
+            let forget_at = call.last_activity + CALL_IDLE;
+            if forget_at <= now {
+                if let Some(call) = self.calls.remove(&call_key) {
+                    self.call_ids.remove(&call.id);
+                }
+            } else {
+                self.ensure_tick(call_key, forget_at);
             }
             return;
         }
@@ -935,8 +951,7 @@ impl Engine {
             }
         }
         self.plan_call(call_key, now);
-        self.timers
-            .push(Reverse((now + CALL_TICK, Timer::Call(call_key))));
+        self.ensure_tick(call_key, now + CALL_TICK);
     }
 
     // ---- timers and output ---------------------------------------------
@@ -1030,6 +1045,7 @@ impl Engine {
             if call.dominant == Some(sid) {
                 call.dominant = None;
             }
+            call.last_activity = Instant::now();
             call_id = call.id.clone();
         }
         self.event(SfuEvent::SessionDown {
