@@ -201,6 +201,9 @@ pub struct RosterMember {
     pub audio_muted: bool,
     /// Camera off.
     pub video_muted: bool,
+    /// Sources whose media is reaching the SFU.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publishing: Vec<MediaSource>,
 }
 
 /// What the server tells a client.

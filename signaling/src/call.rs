@@ -19,7 +19,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use conclave_protocol::mls::{DeliveryGroup, DsError, Identity, KeyPackageInfo, Principal};
-use conclave_protocol::signal::{Bytes, ErrorCode, RemovalReason, RosterMember, ServerMessage};
+use conclave_protocol::signal::{
+    Bytes, ErrorCode, MediaSource, RemovalReason, RosterMember, ServerMessage,
+};
 
 /// A client session's id, unique for the server's lifetime.
 pub type SessionId = u64;
@@ -129,6 +131,8 @@ struct Member {
     leaf: Option<u32>,
     audio_muted: bool,
     video_muted: bool,
+    /// Sources whose media reaches the SFU.
+    publishing: Vec<MediaSource>,
     /// Leaving: removed at the next commit.
     leaving: Option<RemovalReason>,
 }
@@ -318,6 +322,7 @@ impl Call {
                     identity_key: Bytes(m.identity_key.clone()),
                     audio_muted: m.audio_muted,
                     video_muted: m.video_muted,
+                    publishing: m.publishing.clone(),
                 })
                 .collect(),
         }
@@ -389,6 +394,7 @@ impl Call {
             leaf: None,
             audio_muted: false,
             video_muted: false,
+            publishing: Vec::new(),
             leaving: None,
         });
         let mut msgs = vec![out(
@@ -742,6 +748,32 @@ impl Call {
             .ok_or_else(|| Refusal::new(ErrorCode::NotFound, "not in this call"))?;
         m.audio_muted = audio;
         m.video_muted = video;
+        let roster = self.roster();
+        Ok((self.to_all(&roster), Vec::new()))
+    }
+
+    /// A member's source started reaching the SFU (`Some`), or its media
+    /// connection closed (`None`). The roster goes out if anything changed.
+    pub fn set_publishing(&mut self, session: SessionId, source: Option<MediaSource>) -> Step {
+        let m = self
+            .member_mut(session)
+            .ok_or_else(|| Refusal::new(ErrorCode::NotFound, "not in this call"))?;
+        let changed = match source {
+            Some(s) if !m.publishing.contains(&s) => {
+                m.publishing.push(s);
+                m.publishing.sort_by_key(|s| *s as u8);
+                true
+            }
+            Some(_) => false,
+            None => {
+                let had = !m.publishing.is_empty();
+                m.publishing.clear();
+                had
+            }
+        };
+        if !changed {
+            return Ok((Vec::new(), Vec::new()));
+        }
         let roster = self.roster();
         Ok((self.to_all(&roster), Vec::new()))
     }

@@ -88,6 +88,13 @@ pub enum CallInput {
         /// Video muted.
         video: bool,
     },
+    /// A member's source reached the SFU (`Some`), or its media closed (`None`).
+    Publishing {
+        /// Session.
+        session: SessionId,
+        /// The source, or `None` for "nothing any more".
+        source: Option<conclave_protocol::signal::MediaSource>,
+    },
     /// Leave.
     Leave {
         /// Session.
@@ -465,6 +472,13 @@ impl Hub {
                 id,
                 reason,
             } => (session, id, call.leave(session, reason, now)),
+            CallInput::Publishing { session, source } => {
+                // Not a client request: nothing to refuse if the member is gone.
+                if let Ok((msgs, events)) = call.set_publishing(session, source) {
+                    self.deliver(call, msgs, events);
+                }
+                return;
+            }
         };
         match result {
             Ok((mut msgs, events)) => {
@@ -662,6 +676,13 @@ impl Hub {
         };
         if let Some(m) = media {
             self.sfu.close_session(m);
+            self.to_call(
+                call_id,
+                CallInput::Publishing {
+                    session,
+                    source: None,
+                },
+            );
         }
     }
 
@@ -743,6 +764,25 @@ impl Hub {
                     }
                 }
             }
+            SfuEvent::TrackPublished {
+                session, source, ..
+            } => {
+                let owner = self.lock().media_owner.get(&session).cloned();
+                if let Some((sid, call_id)) = owner {
+                    let source = match source {
+                        Source::Audio => conclave_protocol::signal::MediaSource::Audio,
+                        Source::Camera => conclave_protocol::signal::MediaSource::Camera,
+                        Source::Screen => conclave_protocol::signal::MediaSource::Screen,
+                    };
+                    self.to_call(
+                        &call_id,
+                        CallInput::Publishing {
+                            session: sid,
+                            source: Some(source),
+                        },
+                    );
+                }
+            }
             SfuEvent::SessionDown {
                 session, reason, ..
             } if reason != crate::sfu::DownReason::Closed => {
@@ -755,6 +795,13 @@ impl Hub {
                     o
                 };
                 if let Some((sid, call_id)) = owner {
+                    self.to_call(
+                        &call_id,
+                        CallInput::Publishing {
+                            session: sid,
+                            source: None,
+                        },
+                    );
                     let reason = match reason {
                         crate::sfu::DownReason::Timeout => "no media packets within the timeout",
                         crate::sfu::DownReason::Failed => "ICE or DTLS failed",
