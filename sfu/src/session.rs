@@ -334,7 +334,11 @@ pub fn negotiate(
     let mut registry = Registry::new();
     registry = configure_nack(registry, &mut media);
     registry = configure_rtcp_reports(registry);
-    registry = if params.congestion_control {
+    // Send-side estimation needs the subscriber's transport-wide feedback;
+    // without it GCC would hold the initial 300 kbit/s and the pacer would
+    // throttle everything to that.
+    let twcc = offer_sdp.contains("transport-wide-cc-extensions");
+    registry = if params.congestion_control && twcc {
         configure_congestion_control(
             registry,
             Gcc::default(),
