@@ -148,6 +148,14 @@ impl Engine {
         }
     }
 
+    /// (Re)schedules the inactivity check of a session; one per session.
+    fn arm_reap(&mut self, sid: SessionId, at: Instant) {
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            s.reap_armed = Some(at);
+            self.timers.push(Reverse((at, Timer::Reap(sid))));
+        }
+    }
+
     // ---- commands ------------------------------------------------------
 
     pub(crate) fn command(&mut self, cmd: Command, now: Instant) {
@@ -277,6 +285,7 @@ impl Engine {
             last_rx: now,
             up: false,
             armed: None,
+            reap_armed: None,
             tap: built.tap,
             bucket: TokenBucket::new(
                 self.shared.config.session_pps,
@@ -294,10 +303,7 @@ impl Engine {
             c.sessions.push(id);
         }
         self.ensure_tick(call, now + CALL_TICK);
-        self.timers.push(Reverse((
-            now + self.shared.config.setup_timeout,
-            Timer::Reap(id),
-        )));
+        self.arm_reap(id, now + self.shared.config.setup_timeout);
         self.arm(id);
         self.plan_call(call, now);
         self.shared
@@ -539,6 +545,10 @@ impl Engine {
             }
         }
         self.touched.push(sid);
+        if announce.contains(&None) {
+            // Connected: from now on, silence for the ICE timeout reaps it.
+            self.arm_reap(sid, now + self.shared.config.ice_timeout);
+        }
         if !announce.is_empty() {
             let (call_id, participant, call) = match self.sessions.get(&sid) {
                 Some(s) => (
@@ -980,9 +990,13 @@ impl Engine {
                     self.process(sid, now);
                 }
                 Timer::Reap(sid) => {
-                    let Some(s) = self.sessions.get(&sid) else {
+                    let Some(s) = self.sessions.get_mut(&sid) else {
                         continue;
                     };
+                    if s.reap_armed != Some(t) {
+                        continue; // superseded
+                    }
+                    s.reap_armed = None;
                     let timeout = if s.up {
                         self.shared.config.ice_timeout
                     } else {
@@ -992,7 +1006,7 @@ impl Engine {
                     if deadline <= now {
                         self.close(sid, DownReason::Timeout);
                     } else {
-                        self.timers.push(Reverse((deadline, Timer::Reap(sid))));
+                        self.arm_reap(sid, deadline);
                     }
                 }
                 Timer::Call(c) => self.call_tick(c, now),

@@ -178,6 +178,8 @@ pub struct Session {
     pub last_rx: Instant,
     pub up: bool,
     pub armed: Option<Instant>,
+    /// The pending inactivity check.
+    pub reap_armed: Option<Instant>,
     pub tap: Arc<TapState>,
     pub bucket: TokenBucket,
     pub joined: Instant,

@@ -215,3 +215,51 @@ async fn session_limit_is_enforced() {
     assert_eq!(err, SfuError::Full);
     sfu.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_disappears_is_reaped() {
+    let config = SfuConfig {
+        ice_timeout: Duration::from_secs(2),
+        ..SfuConfig::loopback()
+    };
+    let (sfu, mut events) = Sfu::start(config, SfuMetrics::unregistered()).expect("start");
+    let peer = TestPeer::new(PeerSpec {
+        publish_audio: true,
+        ..Default::default()
+    })
+    .await
+    .expect("peer");
+    let answer = sfu
+        .create_session(request(peer.create_offer().await.expect("offer")))
+        .await
+        .expect("session");
+    peer.set_answer(answer.answer_sdp).await.expect("answer");
+    peer.wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connected");
+    // The peer goes away (its consent checks stop). Whether or not its
+    // goodbye arrives, the session is gone within the ICE timeout.
+    let gone = std::time::Instant::now();
+    peer.close().await;
+    let down = tokio::time::timeout(Duration::from_secs(6), async {
+        loop {
+            match events.recv().await {
+                Some(SfuEvent::SessionDown {
+                    session, reason, ..
+                }) => return (session, reason),
+                Some(_) => continue,
+                None => panic!("events closed"),
+            }
+        }
+    })
+    .await
+    .expect("reaped");
+    assert_eq!(down.0, answer.session);
+    println!(
+        "peer gone → session down after {:?} ({:?})",
+        gone.elapsed(),
+        down.1
+    );
+    assert_eq!(sfu.session_count(), 0);
+    sfu.shutdown();
+}
