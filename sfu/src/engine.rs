@@ -286,6 +286,7 @@ impl Engine {
             up: false,
             armed: None,
             reap_armed: None,
+            bwe: built.bwe,
             tap: built.tap,
             bucket: TokenBucket::new(
                 self.shared.config.session_pps,
@@ -843,7 +844,14 @@ impl Engine {
             let mut video_pick = video_pick.into_iter();
             let video_slots = sub.slots.iter().filter(|s| s.video).count().max(1) as u64;
             let estimate = sub.tap.estimate_bps.load(Ordering::Relaxed);
-            let budget = (estimate > 0).then(|| estimate / video_slots);
+            // With an estimator but no estimate yet, start on the lowest layer.
+            let budget = if estimate > 0 {
+                Some(estimate / video_slots)
+            } else if sub.bwe {
+                Some(0)
+            } else {
+                None
+            };
             let max_layer = sub.prefs.max_layer;
             let mut plan = Vec::with_capacity(sub.slots.len());
             for slot in &sub.slots {

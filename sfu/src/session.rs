@@ -181,6 +181,8 @@ pub struct Session {
     /// The pending inactivity check.
     pub reap_armed: Option<Instant>,
     pub tap: Arc<TapState>,
+    /// Send-side bandwidth estimation runs towards this subscriber.
+    pub bwe: bool,
     pub bucket: TokenBucket,
     pub joined: Instant,
 }
@@ -248,6 +250,7 @@ pub struct Built {
     pub slots: Vec<Slot>,
     pub mid_sources: HashMap<String, Source>,
     pub tap: Arc<TapState>,
+    pub bwe: bool,
 }
 
 fn codecs() -> (RTCRtpCodecParameters, RTCRtpCodecParameters) {
@@ -340,7 +343,8 @@ pub fn negotiate(
     // without it GCC would hold the initial 300 kbit/s and the pacer would
     // throttle everything to that.
     let twcc = offer_sdp.contains("transport-wide-cc-extensions");
-    registry = if params.congestion_control && twcc {
+    let bwe = params.congestion_control && twcc;
+    registry = if bwe {
         configure_congestion_control(
             registry,
             Gcc::default(),
@@ -522,6 +526,7 @@ pub fn negotiate(
         slots,
         mid_sources,
         tap,
+        bwe,
     })
 }
 

@@ -520,3 +520,122 @@ async fn simulcast_layer_switches_on_key_frames_with_continuous_numbering() {
     }
     h.sfu.shutdown();
 }
+
+/// With transport-wide feedback from the viewer, the SFU's send-side
+/// estimate (GCC) starts at its initial rate and grows; the viewer starts on
+/// a layer that fits and moves up as the estimate does, on key frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulcast_layer_follows_the_bandwidth_estimate() {
+    let mut config = SfuConfig::loopback();
+    config.workers = 1;
+    let h = start(config);
+    h.sfu.epoch_changed(CALL, EPOCH);
+    let (publisher, _) = join(
+        &h,
+        "u:presenter/d",
+        PeerSpec {
+            publish_video: true,
+            simulcast: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (viewer, _) = join(
+        &h,
+        "u:viewer/d",
+        PeerSpec {
+            recv_video_slots: 1,
+            twcc: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut senders: Vec<Sender> = (0..3).map(|_| Sender::new(EPOCH, 1, 1)).collect();
+    // Layer sizes per 20 ms frame: ~80, ~200 and ~440 kbit/s. GCC starts at
+    // 300 kbit/s, so the top layer needs the estimate to grow.
+    let sizes = [200usize, 500, 1100];
+    let mut sent: Vec<(u8, bool, Vec<u8>)> = Vec::new();
+    let mut got = Vec::new();
+    let started = std::time::Instant::now();
+    let mut frame = 0u32;
+    while started.elapsed() < Duration::from_secs(25) {
+        let key = frame % 25 == 0; // a key frame every 0.5 s on every layer
+        for (layer, s) in senders.iter_mut().enumerate() {
+            let body_len = sizes[layer];
+            let mut raw = if key {
+                vec![0x50u8, 0x2a, 0x00, 0x9d, 0x01, 0x2a, 0x40, 0x01, 0xf0, 0x00]
+            } else {
+                vec![0x31u8, 0x02, 0x00]
+            };
+            raw.extend(std::iter::repeat_n(frame as u8, body_len));
+            let mut payload = vec![0x10];
+            payload.extend(s.protect(Codec::Vp8, &raw));
+            // Two packets per frame keeps every packet under the MTU.
+            publisher
+                .send_video_layer(layer, &payload, true, 1800)
+                .await
+                .expect("layer");
+            sent.push((layer as u8, key, payload));
+        }
+        frame += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while let Some(r) = viewer.recv(Duration::from_millis(1)).await {
+            got.push(r);
+        }
+        if got
+            .iter()
+            .rev()
+            .take(5)
+            .all(|r| sent.iter().any(|(l, _, p)| *l == 2 && *p == r.payload))
+            && got.len() > 5
+        {
+            break;
+        }
+    }
+    let layers: Vec<(u8, bool)> = got
+        .iter()
+        .filter_map(|r| {
+            sent.iter()
+                .find(|(_, _, p)| *p == r.payload)
+                .map(|(l, k, _)| (*l, *k))
+        })
+        .collect();
+    assert_eq!(
+        layers.len(),
+        got.len(),
+        "every frame is one the publisher sent"
+    );
+    assert!(!layers.is_empty());
+    assert!(
+        layers[0].0 < 2,
+        "starts below the top layer: {:?}",
+        &layers[..5.min(layers.len())]
+    );
+    assert_eq!(
+        layers.last().map(|l| l.0),
+        Some(2),
+        "reaches the top layer as the estimate grows"
+    );
+    for w in layers.windows(2) {
+        if w[1].0 != w[0].0 {
+            assert!(w[1].1, "switches only on key frames");
+        }
+    }
+    for w in got.windows(2) {
+        assert_eq!(w[1].sequence_number, w[0].sequence_number.wrapping_add(1));
+    }
+    println!(
+        "top layer reached after {:?}; layers seen in order: {:?}",
+        started.elapsed(),
+        layers
+            .iter()
+            .map(|l| l.0)
+            .fold(Vec::new(), |mut v: Vec<u8>, l| {
+                if v.last() != Some(&l) {
+                    v.push(l);
+                }
+                v
+            })
+    );
+    h.sfu.shutdown();
+}

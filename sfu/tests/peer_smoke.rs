@@ -20,6 +20,7 @@ fn publisher_spec() -> PeerSpec {
         recv_audio_slots: 0,
         recv_video_slots: 0,
         simulcast: false,
+        twcc: false,
     }
 }
 
@@ -30,6 +31,7 @@ fn subscriber_spec() -> PeerSpec {
         recv_audio_slots: 1,
         recv_video_slots: 1,
         simulcast: false,
+        twcc: false,
     }
 }
 

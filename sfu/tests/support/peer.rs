@@ -42,7 +42,9 @@ use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::interceptor_registry::configure_rtcp_reports;
+use rtc::peer_connection::configuration::interceptor_registry::{
+    configure_rtcp_reports, configure_twcc_receiver_only,
+};
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
 };
@@ -99,6 +101,9 @@ pub struct PeerSpec {
     /// Register the rid / repaired-rid extensions for video and, with `publish_video`,
     /// publish VP8 simulcast: three encodings with rids [`SIMULCAST_RIDS`].
     pub simulcast: bool,
+    /// Send transport-wide congestion-control feedback for what this peer
+    /// receives (so the SFU can estimate the bandwidth towards it).
+    pub twcc: bool,
 }
 
 /// Media kind of a received packet.
@@ -520,7 +525,10 @@ impl TestPeer {
         // Sender/receiver reports only: no NACK or TWCC (so no RTX), and simulcast
         // extensions only with `spec.simulcast`, so the SFU sees exactly the extensions
         // listed above.
-        let registry = configure_rtcp_reports(Registry::new());
+        let mut registry = configure_rtcp_reports(Registry::new());
+        if spec.twcc {
+            registry = configure_twcc_receiver_only(registry, &mut media_engine)?;
+        }
 
         let setting_engine = SettingEngineBuilder::new()
             .with_multicast_dns_mode(MulticastDnsMode::Disabled)
