@@ -559,7 +559,7 @@ async fn simulcast_layer_follows_the_bandwidth_estimate() {
     let started = std::time::Instant::now();
     let mut frame = 0u32;
     while started.elapsed() < Duration::from_secs(25) {
-        let key = frame % 25 == 0; // a key frame every 0.5 s on every layer
+        let key = frame.is_multiple_of(25); // a key frame every 0.5 s on every layer
         for (layer, s) in senders.iter_mut().enumerate() {
             let body_len = sizes[layer];
             let mut raw = if key {
