@@ -197,6 +197,12 @@ impl Engine {
             Command::Close(sid) => self.close(sid, DownReason::Closed),
             Command::Epoch { call_id, epoch } => self.epoch(call_id, epoch, now),
             Command::Datagram { from, data } => self.datagram(now, from, &data),
+            #[cfg(feature = "fault-injection")]
+            Command::InjectFault(sid) => {
+                if let Some(s) = self.sessions.get_mut(&sid) {
+                    s.fault_injected = true;
+                }
+            }
             Command::Shutdown => {
                 let ids: Vec<_> = self.sessions.keys().copied().collect();
                 for id in ids {
@@ -286,6 +292,8 @@ impl Engine {
             up: false,
             armed: None,
             reap_armed: None,
+            #[cfg(feature = "fault-injection")]
+            fault_injected: false,
             bwe: built.bwe,
             tap: built.tap,
             bucket: TokenBucket::new(
@@ -470,6 +478,10 @@ impl Engine {
             let Some(s) = self.sessions.get_mut(&sid) else {
                 return;
             };
+            #[cfg(feature = "fault-injection")]
+            if s.fault_injected {
+                panic!("injected fault in session {sid}");
+            }
             while let Some(ev) = s.pc.poll_event() {
                 match ev {
                     RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => match state {

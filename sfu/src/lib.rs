@@ -156,6 +156,16 @@ impl Sfu {
         (session & 0xff) as usize
     }
 
+    /// Tests only (feature `fault-injection`): the session's state machine
+    /// panics the next time it runs, to show the panic stays contained.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_fault(&self, session: SessionId) {
+        self.shared.send(
+            self.worker_of_session(session),
+            Command::InjectFault(session),
+        );
+    }
+
     /// Stops every worker and closes every session.
     pub fn shutdown(&self) {
         for w in 0..self.shared.workers_count() {

@@ -180,6 +180,9 @@ pub struct Session {
     pub armed: Option<Instant>,
     /// The pending inactivity check.
     pub reap_armed: Option<Instant>,
+    /// Tests: the next processing of this session panics.
+    #[cfg(feature = "fault-injection")]
+    pub fault_injected: bool,
     pub tap: Arc<TapState>,
     /// Send-side bandwidth estimation runs towards this subscriber.
     pub bwe: bool,

@@ -43,6 +43,9 @@ pub(crate) enum Command {
         call_id: String,
         epoch: u64,
     },
+    /// Tests: make the session's next processing panic.
+    #[cfg(feature = "fault-injection")]
+    InjectFault(SessionId),
     /// A datagram another worker's socket received for one of ours.
     Datagram {
         from: SocketAddr,

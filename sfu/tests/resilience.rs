@@ -263,3 +263,74 @@ async fn a_peer_that_disappears_is_reaped() {
     assert_eq!(sfu.session_count(), 0);
     sfu.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_session_closes_alone() {
+    let (sfu, mut events) = Sfu::start(
+        SfuConfig {
+            workers: 1,
+            ..SfuConfig::loopback()
+        },
+        SfuMetrics::unregistered(),
+    )
+    .expect("start");
+    sfu.epoch_changed("c", 1);
+    let mut peers = Vec::new();
+    let mut ids = Vec::new();
+    for spec in [
+        PeerSpec {
+            publish_audio: true,
+            ..Default::default()
+        },
+        PeerSpec {
+            recv_audio_slots: 1,
+            ..Default::default()
+        },
+    ] {
+        let p = TestPeer::new(spec).await.expect("peer");
+        let answer = sfu
+            .create_session(request(p.create_offer().await.expect("offer")))
+            .await
+            .expect("session");
+        p.set_answer(answer.answer_sdp).await.expect("answer");
+        p.wait_connected(Duration::from_secs(10))
+            .await
+            .expect("connected");
+        peers.push(p);
+        ids.push(answer.session);
+    }
+    // The subscriber's state machine panics the next time it runs (its next
+    // STUN consent check or timer).
+    sfu.inject_fault(ids[1]);
+    let down = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Some(SfuEvent::SessionDown {
+                    session, reason, ..
+                }) => return (session, reason),
+                Some(_) => continue,
+                None => panic!("events closed"),
+            }
+        }
+    })
+    .await
+    .expect("faulty session closed");
+    assert_eq!(down, (ids[1], DownReason::Fault));
+    // The worker and the other session carry on.
+    assert_eq!(sfu.session_count(), 1);
+    let late = TestPeer::new(PeerSpec {
+        recv_audio_slots: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("peer");
+    let answer = sfu
+        .create_session(request(late.create_offer().await.expect("offer")))
+        .await
+        .expect("the worker still serves");
+    late.set_answer(answer.answer_sdp).await.expect("answer");
+    late.wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connected after the fault");
+    sfu.shutdown();
+}
