@@ -19,6 +19,7 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use rtc::statistics::StatsSelector;
 
 use crate::api::{
     DownReason, QualityPrefs, SessionAnswer, SessionId, SessionRequest, SfuError, SfuEvent, Source,
@@ -488,6 +489,16 @@ impl Engine {
                         RTCPeerConnectionState::Connected if !s.up => {
                             s.up = true;
                             announce.push(None);
+                            let stats = s.pc.get_stats(now, StatsSelector::None);
+                            let profile = stats
+                                .transport()
+                                .map(|t| t.srtp_cipher.clone())
+                                .unwrap_or_default();
+                            self.shared
+                                .metrics
+                                .srtp_profiles
+                                .with_label_values(&[profile.as_str()])
+                                .inc();
                         }
                         RTCPeerConnectionState::Failed => down = Some(DownReason::Failed),
                         RTCPeerConnectionState::Closed => down = Some(DownReason::Closed),

@@ -32,6 +32,8 @@ pub struct SfuMetrics {
     pub layers: IntGaugeVec,
     /// Time to create a session (SDP offer to answer).
     pub session_setup_seconds: Histogram,
+    /// Connected sessions by negotiated SRTP protection profile.
+    pub srtp_profiles: IntCounterVec,
 }
 
 impl SfuMetrics {
@@ -81,6 +83,13 @@ impl SfuMetrics {
                 )
                 .buckets(vec![1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5]),
             )?,
+            srtp_profiles: IntCounterVec::new(
+                Opts::new(
+                    "conclave_sfu_srtp_profiles_total",
+                    "Connected sessions by negotiated SRTP protection profile",
+                ),
+                &["profile"],
+            )?,
         };
         registry.register(Box::new(m.packets_in.clone()))?;
         registry.register(Box::new(m.bytes_in.clone()))?;
@@ -94,6 +103,7 @@ impl SfuMetrics {
         registry.register(Box::new(m.nack.clone()))?;
         registry.register(Box::new(m.layers.clone()))?;
         registry.register(Box::new(m.session_setup_seconds.clone()))?;
+        registry.register(Box::new(m.srtp_profiles.clone()))?;
         Ok(m)
     }
 

@@ -211,6 +211,16 @@ async fn one_publisher_many_subscribers_every_packet_arrives() {
         h.metrics.forwarded.with_label_values(&["audio"]).get(),
         (N * FRAMES) as u64
     );
+    // Every session negotiated SRTP with AES-GCM.
+    assert_eq!(
+        h.metrics
+            .srtp_profiles
+            .with_label_values(&["SRTP_AEAD_AES_128_GCM"])
+            .get(),
+        (N + 1) as u64,
+        "{}",
+        drop_summary(&h.metrics)
+    );
 
     // Events: everyone came up, and the publisher's tracks were announced.
     let mut up = HashSet::new();
