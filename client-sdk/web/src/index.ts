@@ -1,0 +1,5 @@
+// Conclave browser SDK: the crypto core (SFrame, KIDs from MLS exports,
+// verification codes), byte-compatible with the Rust SDK.
+export * from "./sframe.js";
+export * from "./kid.js";
+export * from "./verify.js";
