@@ -143,9 +143,22 @@ pub enum ClientMessage {
         /// Pin (true) or unpin (false).
         pinned: bool,
     },
+    /// Stores key packages for this device ahead of time, so the server
+    /// can add it to a group without a round trip (the retention recorder
+    /// uses this). Each is single use. Answered with
+    /// [`ServerMessage::KeyPackagesStored`].
+    UploadKeyPackages {
+        /// This device's id.
+        device_id: String,
+        /// 1 to [`MAX_KEY_PACKAGE_UPLOAD`] MLS KeyPackages naming this user and device.
+        key_packages: Vec<Bytes>,
+    },
     /// Keep-alive; answered with [`ServerMessage::Pong`].
     Ping {},
 }
+
+/// Most key packages in one upload.
+pub const MAX_KEY_PACKAGE_UPLOAD: usize = 32;
 
 /// Largest SDP offer accepted.
 pub const MAX_SDP: usize = 64 * 1024;
@@ -204,6 +217,10 @@ pub struct RosterMember {
     /// Sources whose media is reaching the SFU.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publishing: Vec<MediaSource>,
+    /// The organisation's retention recorder, added by the server because
+    /// a member's policy requires records. It holds the call's keys.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recorder: bool,
 }
 
 /// What the server tells a client.
@@ -315,6 +332,13 @@ pub enum ServerMessage {
         user_id: String,
         /// Speaker's device id.
         device_id: String,
+    },
+    /// Answer to [`ClientMessage::UploadKeyPackages`].
+    KeyPackagesStored {
+        /// The device.
+        device_id: String,
+        /// How many unused key packages the server now holds for it.
+        stored: u32,
     },
     /// Answer to [`ClientMessage::Ping`].
     Pong,
@@ -474,6 +498,20 @@ impl ClientEnvelope {
                 }
                 if sources.len() > 16 || sources.iter().any(|s| !valid_id(&s.mid)) {
                     return Err(DecodeError::BadId("sources"));
+                }
+            }
+            ClientMessage::UploadKeyPackages {
+                device_id,
+                key_packages,
+            } => {
+                check_id(device_id, "device_id")?;
+                if key_packages.is_empty()
+                    || key_packages.len() > MAX_KEY_PACKAGE_UPLOAD
+                    || key_packages.iter().any(|k| k.0.is_empty())
+                {
+                    return Err(DecodeError::Invalid(format!(
+                        "key_packages must hold 1 to {MAX_KEY_PACKAGE_UPLOAD} non-empty packages"
+                    )));
                 }
             }
             ClientMessage::Pin {

@@ -600,6 +600,44 @@ pub async fn create_api_key(
     Ok(Json(ApiKeyResponse { key_id, secret }))
 }
 
+/// The organisation's retention recorder.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// The user (usually a machine user with an API key) whose device is
+    /// added to every call whose members' policy has `retention_required`;
+    /// `null` for none. Such joins are refused while no recorder is set,
+    /// online, and holding uploaded key packages.
+    pub recorder_user_id: Option<String>,
+}
+
+/// `GET /admin/retention`
+#[utoipa::path(get, path = "/admin/retention", responses((status = 200, body = RetentionSettings)), security(("bearer" = [])))]
+pub async fn get_retention(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<RetentionSettings> {
+    admin(&state, &headers).await?;
+    Ok(Json(RetentionSettings {
+        recorder_user_id: state.db.recorder(&state.org_id).await?,
+    }))
+}
+
+/// `PUT /admin/retention`
+#[utoipa::path(put, path = "/admin/retention", request_body = RetentionSettings, responses((status = 200, body = RetentionSettings)), security(("bearer" = [])))]
+pub async fn set_retention(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(req): Json<RetentionSettings>,
+) -> ApiResult<RetentionSettings> {
+    admin(&state, &headers).await?;
+    state
+        .db
+        .set_recorder(&state.org_id, req.recorder_user_id.as_deref())
+        .await?;
+    Ok(Json(req))
+}
+
 /// The admin and public API, as OpenAPI.
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -624,7 +662,9 @@ pub async fn create_api_key(
         set_policy,
         list_calls,
         call_events,
-        create_api_key
+        create_api_key,
+        get_retention,
+        set_retention
     ),
     components(schemas(
         ApiError,
@@ -645,7 +685,8 @@ pub async fn create_api_key(
         SecurityGroup,
         Policy,
         CallRow,
-        CallEventRow
+        CallEventRow,
+        RetentionSettings
     ))
 )]
 pub struct ApiDoc;

@@ -50,6 +50,23 @@ impl Default for CallConfig {
     }
 }
 
+/// The organisation's retention recorder, to be added to a call alongside
+/// a joiner whose policy requires records: its live session and one of its
+/// stored (single-use) key packages.
+#[derive(Clone, Debug)]
+pub struct RecorderSeat {
+    /// The recorder's signaling session.
+    pub session: SessionId,
+    /// Its user id.
+    pub user_id: String,
+    /// The device the key package belongs to.
+    pub device_id: String,
+    /// What the key package says.
+    pub info: KeyPackageInfo,
+    /// The key package.
+    pub key_package: Vec<u8>,
+}
+
 /// What a joiner's policy allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JoinLimits {
@@ -133,6 +150,8 @@ struct Member {
     video_muted: bool,
     /// Sources whose media reaches the SFU.
     publishing: Vec<MediaSource>,
+    /// Added by the server as the retention recorder.
+    recorder: bool,
     /// Leaving: removed at the next commit.
     leaving: Option<RemovalReason>,
 }
@@ -323,6 +342,7 @@ impl Call {
                     audio_muted: m.audio_muted,
                     video_muted: m.video_muted,
                     publishing: m.publishing.clone(),
+                    recorder: m.recorder,
                 })
                 .collect(),
         }
@@ -345,6 +365,7 @@ impl Call {
         kp: KeyPackageInfo,
         key_package: Vec<u8>,
         limits: JoinLimits,
+        recorder: Option<RecorderSeat>,
         now: Instant,
     ) -> Step {
         let principal = Principal::member(user_id, device_id)
@@ -395,6 +416,7 @@ impl Call {
             audio_muted: false,
             video_muted: false,
             publishing: Vec::new(),
+            recorder: false,
             leaving: None,
         });
         let mut msgs = vec![out(
@@ -403,12 +425,57 @@ impl Call {
                 call_id: self.call_id.clone(),
             },
         )];
+        if let Some(seat) = recorder {
+            msgs.extend(self.seat_recorder(seat));
+        }
         if matches!(self.phase, Phase::Empty) {
             msgs.extend(self.start_creation(session, now));
         } else {
             self.batch_since.get_or_insert(now);
         }
         Ok((msgs, Vec::new()))
+    }
+
+    /// Adds the retention recorder as a member (Add proposed in the next
+    /// batch, or right after the group is created), unless it is already in.
+    fn seat_recorder(&mut self, seat: RecorderSeat) -> Vec<Outbound> {
+        let Ok(principal) = Principal::member(&seat.user_id, &seat.device_id) else {
+            return Vec::new();
+        };
+        let present = self.members.iter().any(|m| {
+            m.leaving.is_none()
+                && (m.recorder || m.principal == principal || m.session == seat.session)
+        });
+        if present || seat.info.principal != principal {
+            return Vec::new();
+        }
+        self.members.push(Member {
+            session: seat.session,
+            principal,
+            user_id: seat.user_id,
+            device_id: seat.device_id,
+            identity_key: seat.info.identity_key,
+            key_package: seat.key_package,
+            leaf: None,
+            audio_muted: true,
+            video_muted: true,
+            publishing: Vec::new(),
+            recorder: true,
+            leaving: None,
+        });
+        vec![out(
+            seat.session,
+            ServerMessage::Joined {
+                call_id: self.call_id.clone(),
+            },
+        )]
+    }
+
+    /// Whether the retention recorder is (or is being added) in the call.
+    pub fn has_recorder(&self) -> bool {
+        self.members
+            .iter()
+            .any(|m| m.recorder && m.leaving.is_none())
     }
 
     fn start_creation(&mut self, creator: SessionId, now: Instant) -> Vec<Outbound> {

@@ -692,4 +692,117 @@ impl Db {
         row.map(|r| Ok((r.try_get("user_id")?, r.try_get("secret")?)))
             .transpose()
     }
+    /// Stores key packages (base64) for a device, keeping at most
+    /// [`MAX_KEY_PACKAGES_PER_DEVICE`] (the oldest go first); returns how many
+    /// the device now has.
+    pub async fn store_key_packages(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        key_packages_b64: &[String],
+    ) -> Result<i64, DbError> {
+        let now = now_ms();
+        for (i, kp) in key_packages_b64.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO key_packages (id, user_id, device_id, key_package, created_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(new_id())
+            .bind(user_id)
+            .bind(device_id)
+            .bind(kp)
+            // Keeps upload order among packages of one batch.
+            .bind(now + i as i64)
+            .execute(&self.pool)
+            .await?;
+        }
+        let count = self.key_package_count(user_id, device_id).await?;
+        if count > MAX_KEY_PACKAGES_PER_DEVICE {
+            let excess = count - MAX_KEY_PACKAGES_PER_DEVICE;
+            let rows = sqlx::query(
+                "SELECT id FROM key_packages WHERE user_id = $1 AND device_id = $2 ORDER BY created_at LIMIT $3",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .bind(excess)
+            .fetch_all(&self.pool)
+            .await?;
+            for r in rows {
+                sqlx::query("DELETE FROM key_packages WHERE id = $1")
+                    .bind(r.try_get::<String, _>("id")?)
+                    .execute(&self.pool)
+                    .await?;
+            }
+            return Ok(MAX_KEY_PACKAGES_PER_DEVICE);
+        }
+        Ok(count)
+    }
+
+    /// How many stored key packages a device has.
+    pub async fn key_package_count(&self, user_id: &str, device_id: &str) -> Result<i64, DbError> {
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS n FROM key_packages WHERE user_id = $1 AND device_id = $2",
+        )
+        .bind(user_id)
+        .bind(device_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(r.try_get("n")?)
+    }
+
+    /// Takes (removes and returns) a device's oldest stored key package.
+    /// Safe against two servers taking the same one.
+    pub async fn take_key_package(
+        &self,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<Option<String>, DbError> {
+        for _ in 0..5 {
+            let row = sqlx::query(
+                "SELECT id, key_package FROM key_packages WHERE user_id = $1 AND device_id = $2 ORDER BY created_at LIMIT 1",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(row) = row else { return Ok(None) };
+            let id: String = row.try_get("id")?;
+            let taken = sqlx::query("DELETE FROM key_packages WHERE id = $1")
+                .bind(&id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            if taken == 1 {
+                return Ok(Some(row.try_get("key_package")?));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The organisation's retention recorder, if one is set.
+    pub async fn recorder(&self, org_id: &str) -> Result<Option<String>, DbError> {
+        let r = sqlx::query("SELECT recorder_user_id FROM organisations WHERE id = $1")
+            .bind(org_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match r {
+            Some(r) => r.try_get::<Option<String>, _>("recorder_user_id")?,
+            None => None,
+        })
+    }
+
+    /// Sets (or clears) the organisation's retention recorder.
+    pub async fn set_recorder(&self, org_id: &str, user_id: Option<&str>) -> Result<(), DbError> {
+        if let Some(u) = user_id {
+            self.user(u).await?.ok_or(DbError::NotFound("user"))?;
+        }
+        sqlx::query("UPDATE organisations SET recorder_user_id = $1 WHERE id = $2")
+            .bind(user_id)
+            .bind(org_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
 }
+
+/// Most key packages kept per device.
+pub const MAX_KEY_PACKAGES_PER_DEVICE: i64 = 100;

@@ -10,7 +10,9 @@ use conclave_protocol::mls::{Identity, KeyPackageInfo};
 use conclave_protocol::signal::{ErrorCode, RemovalReason, ServerEnvelope, ServerMessage};
 use tokio::sync::mpsc;
 
-use crate::call::{Call, CallConfig, CallEvent, JoinLimits, Outbound, Refusal, SessionId};
+use crate::call::{
+    Call, CallConfig, CallEvent, JoinLimits, Outbound, RecorderSeat, Refusal, SessionId,
+};
 use crate::sfu::{
     MediaSessionId, PublishRights, QualityPrefs, SessionRequest, SfuControl, SfuError, SfuEvent,
     Source, parse_participant, participant,
@@ -47,6 +49,9 @@ pub enum CallInput {
         key_package: Vec<u8>,
         /// What the joiner's policy allows.
         limits: JoinLimits,
+        /// The retention recorder to add with this joiner, if its policy
+        /// requires records and the call has none yet.
+        recorder: Option<Box<RecorderSeat>>,
     },
     /// The creator's GroupInfo.
     GroupCreated {
@@ -127,6 +132,8 @@ struct SessionEntry {
     calls: Vec<String>,
     /// The device this session joined each call with.
     devices: HashMap<String, String>,
+    /// The device this session uploaded key packages for (a recorder).
+    key_package_device: Option<String>,
 }
 
 struct HubState {
@@ -228,6 +235,7 @@ impl Hub {
                 outbox: tx,
                 calls: Vec::new(),
                 devices: HashMap::new(),
+                key_package_device: None,
             },
         );
         self.stats.sessions.inc();
@@ -344,14 +352,24 @@ impl Hub {
     pub fn join(&self, call_id: &str, input: CallInput) {
         let mut st = self.lock();
         if let CallInput::Join {
-            session, device_id, ..
+            session,
+            device_id,
+            recorder,
+            ..
         } = &input
-            && let Some(e) = st.sessions.get_mut(session)
         {
-            if !e.calls.iter().any(|c| c == call_id) {
-                e.calls.push(call_id.to_owned());
+            let mut entries = vec![(*session, device_id.clone())];
+            if let Some(seat) = recorder {
+                entries.push((seat.session, seat.device_id.clone()));
             }
-            e.devices.insert(call_id.to_owned(), device_id.clone());
+            for (sid, device) in entries {
+                if let Some(e) = st.sessions.get_mut(&sid) {
+                    if !e.calls.iter().any(|c| c == call_id) {
+                        e.calls.push(call_id.to_owned());
+                    }
+                    e.devices.insert(call_id.to_owned(), device);
+                }
+            }
         }
         let tx = st
             .calls
@@ -429,7 +447,10 @@ impl Hub {
                 info,
                 key_package,
                 limits,
+                recorder,
             } => {
+                let recorder_session = recorder.as_ref().map(|r| r.session);
+                let had_recorder = call.has_recorder();
                 let r = call.join(
                     session,
                     &user_id,
@@ -437,10 +458,19 @@ impl Hub {
                     info,
                     key_package,
                     limits,
+                    recorder.map(|b| *b),
                     now,
                 );
                 if r.is_err() {
                     self.forget_call(session, call.id());
+                }
+                // A refused join seats nobody; a recorder already in the
+                // call keeps its place.
+                if let Some(rs) = recorder_session
+                    && r.is_err()
+                    && !had_recorder
+                {
+                    self.forget_call(rs, call.id());
                 }
                 (session, id, r)
             }
@@ -662,6 +692,31 @@ impl Hub {
                 self.refuse(session, id, refusal(code, e.to_string()));
             }
         }
+    }
+
+    /// Notes that a session uploaded key packages for `device` (how a
+    /// live recorder is found).
+    pub fn set_key_package_device(&self, session: SessionId, device: &str) {
+        if let Some(e) = self.lock().sessions.get_mut(&session) {
+            e.key_package_device = Some(device.to_owned());
+        }
+    }
+
+    /// A live session of `user_id` that uploaded key packages, with its device.
+    pub fn live_recorder(&self, user_id: &str) -> Option<(SessionId, String)> {
+        let st = self.lock();
+        st.sessions
+            .iter()
+            .filter(|(_, e)| e.user_id == user_id)
+            .find_map(|(sid, e)| e.key_package_device.clone().map(|d| (*sid, d)))
+    }
+
+    /// Whether a session of `user_id` is in the call.
+    pub fn call_has_user(&self, call_id: &str, user_id: &str) -> bool {
+        self.lock()
+            .sessions
+            .values()
+            .any(|e| e.user_id == user_id && e.calls.iter().any(|c| c == call_id))
     }
 
     /// Closes a session's media connection for a call, if it has one.

@@ -142,6 +142,10 @@ pub fn router(state: AppState) -> Router {
             get(api::list_groups).post(api::create_group),
         )
         .route("/admin/groups/{id}/policy", put(api::set_policy))
+        .route(
+            "/admin/retention",
+            get(api::get_retention).put(api::set_retention),
+        )
         .route("/admin/calls", get(api::list_calls))
         .route("/admin/calls/{id}/events", get(api::call_events))
         .with_state(state)

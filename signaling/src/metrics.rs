@@ -121,6 +121,7 @@ pub fn client_kind(msg: &ClientMessage) -> &'static str {
         ClientMessage::MediaOffer { .. } => "media_offer",
         ClientMessage::SetQuality { .. } => "set_quality",
         ClientMessage::Pin { .. } => "pin",
+        ClientMessage::UploadKeyPackages { .. } => "upload_key_packages",
         ClientMessage::Ping {} => "ping",
     }
 }
@@ -141,6 +142,7 @@ pub fn message_kind(msg: &ServerMessage) -> &'static str {
         ServerMessage::MediaAnswer { .. } => "media_answer",
         ServerMessage::MediaClosed { .. } => "media_closed",
         ServerMessage::ActiveSpeaker { .. } => "active_speaker",
+        ServerMessage::KeyPackagesStored { .. } => "key_packages_stored",
         ServerMessage::Pong => "pong",
         ServerMessage::Error { .. } => "error",
     }

@@ -9,7 +9,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use conclave_protocol::mls::{encode_signing_identity, validate_key_package};
+use conclave_protocol::mls::{Principal, encode_signing_identity, validate_key_package};
 use conclave_protocol::signal::{
     Bytes, ClientEnvelope, ClientMessage, ErrorCode, MAX_CLIENT_MESSAGE, MediaSource,
     RemovalReason, ServerMessage,
@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::AppState;
 use crate::auth::{Claims, TokenKind};
-use crate::call::{JoinLimits, Refusal, SessionId};
+use crate::call::{JoinLimits, RecorderSeat, Refusal, SessionId};
 use crate::hub::{CallInput, SessionFrame, refusal};
 use crate::sfu::{PublishRights, Source};
 
@@ -204,12 +204,24 @@ async fn handle_text(app: &AppState, sid: SessionId, claims: &Claims, text: &str
                     return;
                 }
             };
-            let limits = match join_limits(app, claims, &device_id, &info.identity_key).await {
-                Ok(l) => l,
-                Err(r) => {
-                    hub.refuse(sid, id, r);
-                    return;
+            let (limits, retention) =
+                match join_limits(app, claims, &device_id, &info.identity_key).await {
+                    Ok(l) => l,
+                    Err(r) => {
+                        hub.refuse(sid, id, r);
+                        return;
+                    }
+                };
+            let recorder = if retention {
+                match recorder_seat(app, &call_id, &claims.sub).await {
+                    Ok(seat) => seat.map(Box::new),
+                    Err(r) => {
+                        hub.refuse(sid, id, r);
+                        return;
+                    }
                 }
+            } else {
+                None
             };
             hub.join(
                 &call_id,
@@ -221,6 +233,7 @@ async fn handle_text(app: &AppState, sid: SessionId, claims: &Claims, text: &str
                     info,
                     key_package: key_package.0,
                     limits,
+                    recorder,
                 },
             );
         }
@@ -304,6 +317,71 @@ async fn handle_text(app: &AppState, sid: SessionId, claims: &Claims, text: &str
             hub.media_offer(sid, id, call_id, sdp, sources, rights)
                 .await;
         }
+        ClientMessage::UploadKeyPackages {
+            device_id,
+            key_packages,
+        } => {
+            let expected = match Principal::member(&claims.sub, &device_id) {
+                Ok(p) => p,
+                Err(_) => {
+                    hub.refuse(sid, id, refusal(ErrorCode::BadRequest, "invalid device id"));
+                    return;
+                }
+            };
+            let mut encoded = Vec::with_capacity(key_packages.len());
+            for (i, kp) in key_packages.iter().enumerate() {
+                match validate_key_package(&kp.0) {
+                    Ok(info) if info.principal == expected => {
+                        use base64::Engine;
+                        encoded.push(base64::engine::general_purpose::STANDARD.encode(&kp.0));
+                    }
+                    Ok(_) => {
+                        hub.refuse(
+                            sid,
+                            id,
+                            refusal(
+                                ErrorCode::Forbidden,
+                                format!("key package {i} names another user or device"),
+                            ),
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        hub.refuse(
+                            sid,
+                            id,
+                            refusal(ErrorCode::InvalidMls, format!("key package {i}: {e}")),
+                        );
+                        return;
+                    }
+                }
+            }
+            match app
+                .db
+                .store_key_packages(&claims.sub, &device_id, &encoded)
+                .await
+            {
+                Ok(stored) => {
+                    hub.set_key_package_device(sid, &device_id);
+                    hub.send(
+                        sid,
+                        id,
+                        ServerMessage::KeyPackagesStored {
+                            device_id,
+                            stored: u32::try_from(stored).unwrap_or(u32::MAX),
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "storing key packages");
+                    hub.refuse(
+                        sid,
+                        id,
+                        refusal(ErrorCode::Internal, "could not store key packages"),
+                    );
+                }
+            }
+        }
         ClientMessage::SetQuality { call_id, max_layer } => {
             hub.set_quality(sid, id, &call_id, max_layer);
         }
@@ -340,19 +418,72 @@ fn media_source(s: MediaSource) -> Source {
     }
 }
 
-/// What the joiner's security group allows; refuses a joiner who may not join.
+/// Finds the organisation's recorder for a call whose joiner's policy
+/// requires records: none if it is already in the call, else its live
+/// session and one of its stored key packages. Refuses (fails closed) when
+/// no recorder is configured, online, or holding key packages.
+async fn recorder_seat(
+    app: &AppState,
+    call_id: &str,
+    joiner: &str,
+) -> Result<Option<RecorderSeat>, Refusal> {
+    let unavailable = |why: &str| {
+        refusal(
+            ErrorCode::Forbidden,
+            format!("this call must be recorded for retention, but {why}"),
+        )
+    };
+    let recorder = app
+        .db
+        .recorder(&app.org_id)
+        .await
+        .map_err(|_| refusal(ErrorCode::Internal, "could not read the retention settings"))?
+        .ok_or_else(|| unavailable("no retention recorder is configured"))?;
+    if recorder == joiner || app.hub.call_has_user(call_id, &recorder) {
+        return Ok(None);
+    }
+    let (session, device_id) = app
+        .hub
+        .live_recorder(&recorder)
+        .ok_or_else(|| unavailable("the retention recorder is offline"))?;
+    let stored = app
+        .db
+        .take_key_package(&recorder, &device_id)
+        .await
+        .map_err(|_| refusal(ErrorCode::Internal, "could not read key packages"))?
+        .ok_or_else(|| unavailable("the retention recorder has no key packages left"))?;
+    use base64::Engine;
+    let key_package = base64::engine::general_purpose::STANDARD
+        .decode(stored.as_bytes())
+        .map_err(|_| refusal(ErrorCode::Internal, "a stored key package is corrupt"))?;
+    let info = validate_key_package(&key_package)
+        .map_err(|_| unavailable("its stored key package is no longer valid"))?;
+    Ok(Some(RecorderSeat {
+        session,
+        user_id: recorder,
+        device_id,
+        info,
+        key_package,
+    }))
+}
+
+/// What the joiner's security group allows, and whether it requires
+/// records; refuses a joiner who may not join.
 async fn join_limits(
     app: &AppState,
     claims: &Claims,
     device_id: &str,
     identity_key: &[u8],
-) -> Result<JoinLimits, Refusal> {
+) -> Result<(JoinLimits, bool), Refusal> {
     if claims.kind == TokenKind::Guest {
         // Guests never start calls; the invitation already names the call.
-        return Ok(JoinLimits {
-            max_size: crate::db::Policy::default().max_call_size,
-            may_start: false,
-        });
+        return Ok((
+            JoinLimits {
+                max_size: crate::db::Policy::default().max_call_size,
+                may_start: false,
+            },
+            false,
+        ));
     }
     let policy = app
         .db
@@ -374,8 +505,11 @@ async fn join_limits(
         Ok(_) => {}
         Err(e) => tracing::error!(error = %e, "recording device"),
     }
-    Ok(JoinLimits {
-        max_size: policy.max_call_size,
-        may_start: policy.may_start_calls,
-    })
+    Ok((
+        JoinLimits {
+            max_size: policy.max_call_size,
+            may_start: policy.may_start_calls,
+        },
+        policy.retention_required,
+    ))
 }

@@ -144,6 +144,8 @@ pub struct Status {
     pub closed: bool,
     pub media_answers: Vec<(Option<u64>, String, u32, u32)>,
     pub media_closed: Vec<String>,
+    pub key_packages_stored: Option<u32>,
+    pub roster_recorders: usize,
 }
 
 pub enum Cmd {
@@ -227,6 +229,52 @@ pub async fn spawn_with_token(
     ));
     ClientHandle {
         user: user.into(),
+        status,
+        cmd: tx,
+    }
+}
+
+/// A retention recorder: connects with `token`, uploads `count` key
+/// packages for `device`, and then behaves as a member of whatever call the
+/// server adds it to (`call` names the call the test expects).
+pub async fn spawn_recorder(
+    server: &TestServer,
+    token: &str,
+    user_id: &str,
+    device: &str,
+    count: usize,
+    call: &str,
+) -> ClientHandle {
+    let (mut ws, external_sender) = connect(server, token).await.unwrap();
+    let identity = Identity::generate(Principal::member(user_id, device).unwrap()).unwrap();
+    let agent = MlsAgent::new(identity, AgentConfig::default());
+    let key_packages = (0..count)
+        .map(|_| Bytes(agent.key_package().unwrap()))
+        .collect();
+    ws.send(Message::Text(
+        ClientEnvelope::encode(
+            Some(1),
+            ClientMessage::UploadKeyPackages {
+                device_id: device.into(),
+                key_packages,
+            },
+        )
+        .into(),
+    ))
+    .await
+    .unwrap();
+    let status = Arc::new(Mutex::new(Status::default()));
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(run(
+        ws,
+        agent,
+        external_sender,
+        call.to_owned(),
+        status.clone(),
+        rx,
+    ));
+    ClientHandle {
+        user: user_id.into(),
         status,
         cmd: tx,
     }
@@ -322,7 +370,12 @@ async fn run(
                 status.lock().unwrap().ready_epoch = Some(epoch);
             }
             ServerMessage::Roster { members, .. } => {
-                status.lock().unwrap().roster_len = members.len();
+                let mut s = status.lock().unwrap();
+                s.roster_len = members.len();
+                s.roster_recorders = members.iter().filter(|m| m.recorder).count();
+            }
+            ServerMessage::KeyPackagesStored { stored, .. } => {
+                status.lock().unwrap().key_packages_stored = Some(stored);
             }
             ServerMessage::Removed { .. } => status.lock().unwrap().removed = true,
             ServerMessage::Error { code, message } => {
