@@ -696,3 +696,67 @@ async fn a_restart_keeps_users_groups_and_audit_and_calls_rebuild_on_rejoin() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_settings_and_key_package_storage() {
+    for db in databases() {
+        let api = Api::new(&db).await;
+        let admin = api.admin().await;
+        let tag = &conclave_signaling::db::new_id()[..6];
+        let user = api.create_user(&admin, &format!("carol{tag}"), None).await;
+        let bot = api
+            .create_user(&admin, &format!("archive{tag}"), None)
+            .await;
+        // Admin only; an unknown user is refused; a real one is stored.
+        assert_eq!(
+            api.call("GET", "/admin/retention", None, None).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        let carol = api
+            .login(&format!("carol{tag}"), "pass-word-1")
+            .await
+            .unwrap();
+        assert_eq!(
+            api.call("GET", "/admin/retention", Some(&carol), None)
+                .await
+                .0,
+            StatusCode::FORBIDDEN
+        );
+        let (st, _) = api
+            .call(
+                "PUT",
+                "/admin/retention",
+                Some(&admin),
+                Some(json!({"recorder_user_id": "nobody"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        let (st, v) = api
+            .call(
+                "PUT",
+                "/admin/retention",
+                Some(&admin),
+                Some(json!({"recorder_user_id": bot})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let (_, v) = api
+            .call("GET", "/admin/retention", Some(&admin), None)
+            .await;
+        assert_eq!(v["recorder_user_id"], json!(bot));
+        // Key packages: stored in order, capped, taken once each.
+        let store = &api.server.state.db;
+        let kps: Vec<String> = (0..3).map(|i| format!("kp{i}")).collect();
+        assert_eq!(store.store_key_packages(&user, "d", &kps).await.unwrap(), 3);
+        assert_eq!(
+            store.take_key_package(&user, "d").await.unwrap().as_deref(),
+            Some("kp0")
+        );
+        let many: Vec<String> = (0..120).map(|i| format!("m{i}")).collect();
+        assert_eq!(
+            store.store_key_packages(&user, "d", &many).await.unwrap(),
+            conclave_signaling::db::MAX_KEY_PACKAGES_PER_DEVICE
+        );
+        assert_eq!(store.key_package_count(&user, "other").await.unwrap(), 0);
+    }
+}
