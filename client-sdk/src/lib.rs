@@ -8,11 +8,14 @@
 //! - [`crypto`]: per-call frame protection (RFC 9605) fed by the agent.
 //! - [`verify`]: safety numbers and epoch codes for key verification.
 //! - [`session`]: a call over the network — the signaling WebSocket with the
-//!   MLS agent run for you (media transport: issue 4/5).
+//!   MLS agent run for you.
+//! - [`media`]: the call's media over WebRTC to the SFU — SFrame-protected
+//!   Opus and VP8 out, slots of forwarded frames in, decrypted and attributed.
 
 pub mod agent;
 pub mod crypto;
 pub mod error;
+pub mod media;
 pub mod session;
 pub mod verify;
 
@@ -20,3 +23,4 @@ pub use agent::{AgentConfig, AgentEvent, CommitBundle, MlsAgent, RosterEntry};
 pub use conclave_protocol::mls::{Identity, Principal};
 pub use crypto::{CallCrypto, stream};
 pub use error::AgentError;
+pub use media::{MediaConnection, MediaError, MediaOptions, ReceivedFrame};

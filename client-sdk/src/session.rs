@@ -20,17 +20,18 @@
 //! # Ok(()) }
 //! ```
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use conclave_protocol::mls::{Identity, Principal, decode_signing_identity};
 use conclave_protocol::sframe::{Codec, DecryptedFrame, SframeError};
 use conclave_protocol::signal::{
-    Bytes, ClientEnvelope, ClientMessage, ErrorCode, RemovalReason, RosterMember, ServerEnvelope,
-    ServerMessage,
+    Bytes, ClientEnvelope, ClientMessage, ErrorCode, MediaSource, MediaSourceMid, RemovalReason,
+    RosterMember, ServerEnvelope, ServerMessage,
 };
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::agent::{AgentConfig, AgentEvent, MlsAgent};
@@ -86,6 +87,19 @@ pub enum CallEvent {
     Roster(Vec<RosterMember>),
     /// No longer in the call.
     Removed(RemovalReason),
+    /// The SFU closed this session's media connection (see
+    /// [`crate::media::MediaConnection`]); connect again to resume media.
+    MediaClosed {
+        /// Why, in words.
+        reason: String,
+    },
+    /// The loudest speaker in the call changed.
+    ActiveSpeaker {
+        /// Speaker's user id.
+        user_id: String,
+        /// Speaker's device id.
+        device_id: String,
+    },
     /// The server refused something, or a local MLS step failed.
     Error {
         /// Code (`invalid_mls` for local MLS failures).
@@ -126,24 +140,107 @@ impl JoinOptions {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// A message for the server, with the request id to echo (if any).
+type Outgoing = (Option<u64>, ClientMessage);
+
 /// One device in one call.
 #[derive(Debug)]
 pub struct CallSession {
     agent: Arc<Mutex<MlsAgent>>,
     events: mpsc::UnboundedReceiver<CallEvent>,
-    outgoing: mpsc::UnboundedSender<ClientMessage>,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+    media: Arc<MediaLink>,
     call_id: String,
     user_id: String,
 }
 
-fn lock(agent: &Mutex<MlsAgent>) -> MutexGuard<'_, MlsAgent> {
+pub(crate) fn lock(agent: &Mutex<MlsAgent>) -> MutexGuard<'_, MlsAgent> {
     agent.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn send(ws: &mut Ws, msg: ClientMessage) -> Result<(), SessionError> {
-    ws.send(Message::Text(ClientEnvelope::encode(None, msg).into()))
+async fn send(ws: &mut Ws, id: Option<u64>, msg: ClientMessage) -> Result<(), SessionError> {
+    ws.send(Message::Text(ClientEnvelope::encode(id, msg).into()))
         .await
         .map_err(|e| SessionError::Connection(e.to_string()))
+}
+
+/// The SFU's answer to a `media_offer`.
+#[derive(Clone, Debug)]
+pub(crate) struct MediaAnswer {
+    /// SDP answer.
+    pub sdp: String,
+    /// Audio receive slots granted.
+    pub audio_slots: u32,
+    /// Video receive slots granted.
+    pub video_slots: u32,
+}
+
+type AnswerReply = oneshot::Sender<Result<MediaAnswer, SessionError>>;
+
+/// What the session's event loop shares with the media connection: the
+/// outstanding offer, the server's `media_closed`, and whether the next
+/// video frame should be a key frame.
+#[derive(Debug)]
+pub(crate) struct MediaLink {
+    pending: Mutex<Option<(u64, AnswerReply)>>,
+    closed: watch::Sender<Option<String>>,
+    key_frame_wanted: AtomicBool,
+    next_request: AtomicU64,
+}
+
+impl MediaLink {
+    fn new() -> Self {
+        Self {
+            pending: Mutex::new(None),
+            closed: watch::Sender::new(None),
+            key_frame_wanted: AtomicBool::new(true),
+            next_request: AtomicU64::new(1),
+        }
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Option<(u64, AnswerReply)>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands the reply to request `id` to whoever waits for it. False if
+    /// nobody waits for `id`.
+    fn answer(&self, id: Option<u64>, reply: Result<MediaAnswer, SessionError>) -> bool {
+        let mut pending = self.pending();
+        match pending.take() {
+            Some((want, tx)) if Some(want) == id => {
+                let _ = tx.send(reply);
+                true
+            }
+            other => {
+                *pending = other;
+                false
+            }
+        }
+    }
+
+    fn close(&self, reason: &str) {
+        self.closed.send_replace(Some(reason.to_owned()));
+    }
+
+    /// Why the server closed the media connection, once it has.
+    pub(crate) fn closed(&self) -> watch::Receiver<Option<String>> {
+        self.closed.subscribe()
+    }
+
+    /// Asks for a key frame on the next video frame.
+    pub(crate) fn want_key_frame(&self) {
+        self.key_frame_wanted.store(true, Ordering::Release);
+    }
+
+    /// Whether the next video frame should be a key frame.
+    pub(crate) fn key_frame_wanted(&self) -> bool {
+        self.key_frame_wanted.load(Ordering::Acquire)
+    }
+
+    /// Clears the request; true if one was pending.
+    pub(crate) fn take_key_frame_request(&self) -> bool {
+        self.key_frame_wanted.swap(false, Ordering::AcqRel)
+    }
 }
 
 impl CallSession {
@@ -155,7 +252,7 @@ impl CallSession {
         let (mut ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .map_err(|e| SessionError::Connection(e.to_string()))?;
-        let ready = next_server_message(&mut ws).await?;
+        let ready = next_server_message(&mut ws).await?.msg;
         let ServerMessage::Ready {
             user_id,
             external_sender,
@@ -171,6 +268,7 @@ impl CallSession {
         );
         send(
             &mut ws,
+            None,
             ClientMessage::JoinCall {
                 call_id: opts.call_id.clone(),
                 device_id: opts.device_id.clone(),
@@ -178,7 +276,7 @@ impl CallSession {
             },
         )
         .await?;
-        match next_server_message(&mut ws).await? {
+        match next_server_message(&mut ws).await?.msg {
             ServerMessage::Joined { .. } => {}
             ServerMessage::Error { code, message } => {
                 return Err(SessionError::Refused { code, message });
@@ -192,6 +290,7 @@ impl CallSession {
         let agent = Arc::new(Mutex::new(agent));
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let media = Arc::new(MediaLink::new());
         tokio::spawn(run(
             ws,
             agent.clone(),
@@ -199,11 +298,13 @@ impl CallSession {
             opts.call_id.clone(),
             ev_tx,
             out_rx,
+            media.clone(),
         ));
         Ok(Self {
             agent,
             events: ev_rx,
             outgoing: out_tx,
+            media,
             call_id: opts.call_id,
             user_id,
         })
@@ -217,6 +318,11 @@ impl CallSession {
     /// The authenticated user id.
     pub fn user_id(&self) -> &str {
         &self.user_id
+    }
+
+    /// The call this session is in.
+    pub fn call_id(&self) -> &str {
+        &self.call_id
     }
 
     /// The current MLS epoch.
@@ -262,28 +368,99 @@ impl CallSession {
         Ok(lock(&self.agent).crypto().decrypt(codec, frame, out)?)
     }
 
+    fn post(&self, id: Option<u64>, msg: ClientMessage) -> Result<(), SessionError> {
+        self.outgoing
+            .send((id, msg))
+            .map_err(|_| SessionError::Closed)
+    }
+
     /// Announces mute state.
     pub fn set_mute(&self, audio: bool, video: bool) -> Result<(), SessionError> {
-        self.outgoing
-            .send(ClientMessage::SetMute {
+        self.post(
+            None,
+            ClientMessage::SetMute {
                 call_id: self.call_id.clone(),
                 audio,
                 video,
-            })
-            .map_err(|_| SessionError::Closed)
+            },
+        )
+    }
+
+    /// Asks the SFU for at most simulcast layer `max_layer` (0–2) on this
+    /// session's video slots. Needs a media connection.
+    pub fn set_quality(&self, max_layer: u8) -> Result<(), SessionError> {
+        self.post(
+            None,
+            ClientMessage::SetQuality {
+                call_id: self.call_id.clone(),
+                max_layer,
+            },
+        )
+    }
+
+    /// Keeps (or stops keeping) a member's source in this session's video slots.
+    pub fn pin(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        source: MediaSource,
+        pinned: bool,
+    ) -> Result<(), SessionError> {
+        self.post(
+            None,
+            ClientMessage::Pin {
+                call_id: self.call_id.clone(),
+                user_id: user_id.to_owned(),
+                device_id: device_id.to_owned(),
+                source,
+                pinned,
+            },
+        )
     }
 
     /// Leaves the call (a `Removed(Left)` event follows).
     pub fn leave(&self) -> Result<(), SessionError> {
-        self.outgoing
-            .send(ClientMessage::LeaveCall {
+        self.post(
+            None,
+            ClientMessage::LeaveCall {
                 call_id: self.call_id.clone(),
-            })
-            .map_err(|_| SessionError::Closed)
+            },
+        )
+    }
+
+    pub(crate) fn agent(&self) -> Arc<Mutex<MlsAgent>> {
+        self.agent.clone()
+    }
+
+    pub(crate) fn media_link(&self) -> Arc<MediaLink> {
+        self.media.clone()
+    }
+
+    /// Sends a `media_offer`; the receiver gets the SFU's answer or the
+    /// server's refusal. A newer offer supersedes an unanswered one.
+    pub(crate) fn offer_media(
+        &self,
+        sdp: String,
+        sources: Vec<MediaSourceMid>,
+    ) -> Result<oneshot::Receiver<Result<MediaAnswer, SessionError>>, SessionError> {
+        let id = self.media.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        *self.media.pending() = Some((id, tx));
+        self.media.closed.send_replace(None);
+        self.media.want_key_frame();
+        self.post(
+            Some(id),
+            ClientMessage::MediaOffer {
+                call_id: self.call_id.clone(),
+                sdp,
+                sources,
+            },
+        )?;
+        Ok(rx)
     }
 }
 
-async fn next_server_message(ws: &mut Ws) -> Result<ServerMessage, SessionError> {
+async fn next_server_message(ws: &mut Ws) -> Result<ServerEnvelope, SessionError> {
     loop {
         let frame = ws
             .next()
@@ -293,7 +470,6 @@ async fn next_server_message(ws: &mut Ws) -> Result<ServerMessage, SessionError>
         match frame {
             Message::Text(t) => {
                 return ServerEnvelope::decode(t.as_str())
-                    .map(|e| e.msg)
                     .map_err(|e| SessionError::Protocol(e.to_string()));
             }
             Message::Close(_) => return Err(SessionError::Closed),
@@ -309,30 +485,103 @@ async fn run(
     server: mls_rs::identity::SigningIdentity,
     call_id: String,
     events: mpsc::UnboundedSender<CallEvent>,
-    mut outgoing: mpsc::UnboundedReceiver<ClientMessage>,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    media: Arc<MediaLink>,
+) {
+    serve(
+        &mut ws,
+        &agent,
+        &server,
+        &call_id,
+        &events,
+        &mut outgoing,
+        &media,
+    )
+    .await;
+    // Whatever waits for an answer gets `Closed`; media ends with the session.
+    drop(media.pending().take());
+    media.close("the signaling session ended");
+}
+
+async fn serve(
+    ws: &mut Ws,
+    agent: &Mutex<MlsAgent>,
+    server: &mls_rs::identity::SigningIdentity,
+    call_id: &str,
+    events: &mpsc::UnboundedSender<CallEvent>,
+    outgoing: &mut mpsc::UnboundedReceiver<Outgoing>,
+    media: &MediaLink,
 ) {
     let emit = |e: CallEvent| {
         let _ = events.send(e);
     };
     loop {
-        let msg = tokio::select! {
+        let env = tokio::select! {
             out = outgoing.recv() => {
                 match out {
-                    Some(m) => { if send(&mut ws, m).await.is_err() { return; } }
+                    Some((id, m)) => { if send(ws, id, m).await.is_err() { return; } }
                     None => { let _ = ws.close(None).await; return; }
                 }
                 continue;
             }
-            m = next_server_message(&mut ws) => m,
+            m = next_server_message(ws) => m,
         };
-        let Ok(msg) = msg else { return };
+        let Ok(env) = env else { return };
+        let msg = match env.msg {
+            ServerMessage::MediaAnswer {
+                sdp,
+                audio_slots,
+                video_slots,
+                ..
+            } => {
+                let answer = MediaAnswer {
+                    sdp,
+                    audio_slots,
+                    video_slots,
+                };
+                if !media.answer(env.id, Ok(answer)) {
+                    tracing::debug!(id = ?env.id, "media answer nobody waits for");
+                }
+                continue;
+            }
+            ServerMessage::Error { code, message }
+                if media.answer(
+                    env.id,
+                    Err(SessionError::Refused {
+                        code,
+                        message: message.clone(),
+                    }),
+                ) =>
+            {
+                tracing::debug!(?code, %message, "media offer refused");
+                continue;
+            }
+            ServerMessage::MediaClosed { reason, .. } => {
+                media.close(&reason);
+                emit(CallEvent::MediaClosed { reason });
+                continue;
+            }
+            ServerMessage::ActiveSpeaker {
+                user_id, device_id, ..
+            } => {
+                emit(CallEvent::ActiveSpeaker { user_id, device_id });
+                continue;
+            }
+            msg => msg,
+        };
         let now = Instant::now();
-        let (replies, evs) = react(&mut lock(&agent), &server, &call_id, msg, now);
+        let (replies, evs) = react(&mut lock(agent), server, call_id, msg, now);
         for e in evs {
+            match &e {
+                // Sending keys switched: the next video frame must be a key frame.
+                CallEvent::EpochReady { .. } => media.want_key_frame(),
+                CallEvent::Removed(_) => media.close("removed from the call"),
+                _ => {}
+            }
             emit(e);
         }
         for r in replies {
-            if send(&mut ws, r).await.is_err() {
+            if send(ws, None, r).await.is_err() {
                 return;
             }
         }
