@@ -228,6 +228,16 @@ async fn sdk_participants_exchange_encrypted_media_through_the_sfu() {
     }
     assert!(metrics.forwarded.with_label_values(&["audio"]).get() >= AUDIO_FRAMES as u64);
 
+    // The roster tells everyone what Alice publishes.
+    until(&mut bob, |e| {
+        matches!(e, CallEvent::Roster(members) if members.iter().any(|m| {
+            m.device_id == "laptop"
+                && m.publishing.contains(&MediaSource::Audio)
+                && m.publishing.contains(&MediaSource::Camera)
+        }))
+    })
+    .await;
+
     // Carol joins: at the new epoch Alice's session switches sending keys and
     // the media connection wants a key frame, which Bob reads under the new
     // epoch's keys through the same slot.
