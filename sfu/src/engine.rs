@@ -86,6 +86,11 @@ pub struct Engine {
     touched: Vec<SessionId>,
     global: TokenBucket,
     key_requests: Vec<(SessionId, Source, Option<u8>)>,
+    /// Reused per datagram for a session's decrypted messages.
+    inbox: Vec<RTCMessage>,
+    /// `forwarded{kind="audio"}` and `{kind="video"}`, resolved once.
+    forwarded_audio: prometheus::IntCounter,
+    forwarded_video: prometheus::IntCounter,
 }
 
 impl std::fmt::Debug for Engine {
@@ -108,6 +113,8 @@ fn drop_label(reason: DropReason) -> &'static str {
 impl Engine {
     pub(crate) fn new(index: usize, shared: Arc<Shared>, now: Instant) -> Self {
         let per_worker = (shared.config.global_pps / shared.workers_count().max(1) as u32).max(1);
+        let forwarded_audio = shared.metrics.forwarded.with_label_values(&["audio"]);
+        let forwarded_video = shared.metrics.forwarded.with_label_values(&["video"]);
         Self {
             index,
             global: TokenBucket::new(per_worker, per_worker, now),
@@ -121,6 +128,9 @@ impl Engine {
             timers: BinaryHeap::new(),
             touched: Vec::new(),
             key_requests: Vec::new(),
+            inbox: Vec::new(),
+            forwarded_audio,
+            forwarded_video,
         }
     }
 
@@ -472,7 +482,7 @@ impl Engine {
     }
 
     fn process_inner(&mut self, sid: SessionId, now: Instant) {
-        let mut messages = Vec::new();
+        let mut messages = std::mem::take(&mut self.inbox);
         let mut down: Option<DownReason> = None;
         let mut announce = Vec::new();
         {
@@ -603,13 +613,14 @@ impl Engine {
             }
             self.plan_call(call, now);
         }
-        for msg in messages {
+        for msg in messages.drain(..) {
             match msg {
                 RTCMessage::RtpPacket(_, packet) => self.on_rtp(sid, packet, now),
                 RTCMessage::RtcpPacket(_, packets) => self.on_rtcp(sid, &packets, now),
                 _ => {}
             }
         }
+        self.inbox = messages;
         self.flush_key_requests(now);
         if let Some(reason) = down {
             self.close(sid, reason);
@@ -698,7 +709,6 @@ impl Engine {
             key_frame,
             packet: &packet,
         };
-        let kind = if source.is_video() { "video" } else { "audio" };
         let mut forwarded = 0u64;
         for &(sub, slot) in routes {
             if let Some(subscriber) = self.sessions.get_mut(&sub) {
@@ -719,11 +729,11 @@ impl Engine {
                 }
             }
         }
-        self.shared
-            .metrics
-            .forwarded
-            .with_label_values(&[kind])
-            .inc_by(forwarded);
+        if source.is_video() {
+            self.forwarded_video.inc_by(forwarded);
+        } else {
+            self.forwarded_audio.inc_by(forwarded);
+        }
     }
 
     fn on_rtcp(&mut self, sid: SessionId, packets: &[Box<dyn rtc::rtcp::Packet>], _now: Instant) {
