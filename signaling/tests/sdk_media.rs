@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::until;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,20 +16,6 @@ use conclave_client::media::{MediaConnection, MediaOptions, ReceivedFrame};
 use conclave_client::session::{CallEvent, CallSession, JoinOptions};
 use conclave_protocol::signal::MediaSource;
 use conclave_signaling::CallConfig;
-
-async fn until(call: &mut CallSession, mut pred: impl FnMut(&CallEvent) -> bool) -> CallEvent {
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let e = call.next_event().await.expect("session ended");
-            assert!(!matches!(e, CallEvent::Error { .. }), "{e:?}");
-            if pred(&e) {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("timed out")
-}
 
 /// An Opus-shaped frame (TOC byte, then bytes that name the frame).
 fn opus_frame(i: usize) -> Vec<u8> {

@@ -5,6 +5,8 @@
 
 mod support;
 
+use support::until;
+
 use std::time::Duration;
 
 use conclave_client::session::{CallEvent, CallSession, JoinOptions};
@@ -12,20 +14,6 @@ use conclave_client::stream;
 use conclave_protocol::sframe::Codec;
 use conclave_protocol::signal::RemovalReason;
 use conclave_signaling::CallConfig;
-
-async fn until(call: &mut CallSession, mut pred: impl FnMut(&CallEvent) -> bool) -> CallEvent {
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let e = call.next_event().await.expect("session ended");
-            assert!(!matches!(e, CallEvent::Error { .. }), "{e:?}");
-            if pred(&e) {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("timed out")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sdk_sessions_share_keys_and_frames() {

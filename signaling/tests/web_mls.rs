@@ -11,6 +11,8 @@
 
 mod support;
 
+use support::until;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -158,20 +160,6 @@ impl Drop for WebMember {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-async fn until(call: &mut CallSession, mut pred: impl FnMut(&CallEvent) -> bool) -> CallEvent {
-    tokio::time::timeout(LIMIT, async {
-        loop {
-            let e = call.next_event().await.expect("session ended");
-            assert!(!matches!(e, CallEvent::Error { .. }), "{e:?}");
-            if pred(&e) {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("timed out")
 }
 
 async fn rust_member(server: &support::TestServer, user: &str, call: &str) -> CallSession {

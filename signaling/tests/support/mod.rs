@@ -217,21 +217,7 @@ pub async fn spawn_with_token(
     ))
     .await
     .unwrap();
-    let status = Arc::new(Mutex::new(Status::default()));
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(
-        ws,
-        agent,
-        external_sender,
-        call.to_owned(),
-        status.clone(),
-        rx,
-    ));
-    ClientHandle {
-        user: user.into(),
-        status,
-        cmd: tx,
-    }
+    launch(ws, agent, external_sender, call, user)
 }
 
 /// A retention recorder: connects with `token`, uploads `count` key
@@ -263,6 +249,17 @@ pub async fn spawn_recorder(
     ))
     .await
     .unwrap();
+    launch(ws, agent, external_sender, call, user_id)
+}
+
+/// Runs a connected client's reaction loop in a task; returns its handle.
+fn launch(
+    ws: Ws,
+    agent: MlsAgent,
+    external_sender: Vec<u8>,
+    call: &str,
+    user: &str,
+) -> ClientHandle {
     let status = Arc::new(Mutex::new(Status::default()));
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(run(
@@ -274,7 +271,7 @@ pub async fn spawn_recorder(
         rx,
     ));
     ClientHandle {
-        user: user_id.into(),
+        user: user.into(),
         status,
         cmd: tx,
     }
@@ -407,6 +404,26 @@ async fn run(
             }
         }
     }
+}
+
+/// Reads a Rust SDK session's events until `pred` holds (30 s at most);
+/// an error event fails the test.
+pub async fn until(
+    call: &mut conclave_client::session::CallSession,
+    mut pred: impl FnMut(&conclave_client::session::CallEvent) -> bool,
+) -> conclave_client::session::CallEvent {
+    use conclave_client::session::CallEvent;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let e = call.next_event().await.expect("session ended");
+            assert!(!matches!(e, CallEvent::Error { .. }), "{e:?}");
+            if pred(&e) {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("timed out")
 }
 
 /// Polls until `pred` holds or `limit` passes.
