@@ -38,6 +38,8 @@ pub const CALL_TICK: Duration = Duration::from_millis(250);
 const CALL_IDLE: Duration = Duration::from_secs(600);
 /// Margin (in smoothed loudness) a speaker needs to displace another.
 const SPEAKER_MARGIN: f32 = 6.0;
+/// How many validated network paths (remote addresses) a session keeps routed.
+const MAX_PATHS: usize = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
@@ -288,7 +290,7 @@ impl Engine {
             participant: request.participant,
             pc: built.pc,
             ufrag: built.ufrag.clone(),
-            remote: None,
+            remotes: Vec::new(),
             rights: request.rights,
             prefs: QualityPrefs::default(),
             pins: Vec::new(),
@@ -430,14 +432,17 @@ impl Engine {
                 .inc();
             return;
         }
-        if kind == PacketKind::Stun && s.remote != Some(from) {
-            // A (new) path for this session. ICE validates it: only a STUN
-            // request with the right credentials gets a response, and media
-            // keeps flowing to the nominated address.
-            if let Some(old) = s.remote.replace(from) {
+        if kind == PacketKind::Stun && !s.remotes.contains(&from) {
+            // A (new) path for this session: a browser checks every pair of
+            // its candidates (loopback and LAN, say) and may use any that
+            // works. ICE validates it: only a STUN request with the right
+            // credentials gets a response. The newest few paths stay routed.
+            if s.remotes.len() >= MAX_PATHS {
+                let old = s.remotes.remove(0);
                 self.by_addr.remove(&old);
                 self.shared.unroute_addr(&old);
             }
+            s.remotes.push(from);
             self.by_addr.insert(from, sid);
             self.shared.route_addr(from, index);
         }
@@ -663,6 +668,32 @@ impl Engine {
         };
         // The E2EE check: only well-formed SFrame frames of a live epoch.
         let payload = &packet.payload[..];
+        if payload.is_empty() {
+            // Padding only (a browser probing bandwidth): nothing to forward,
+            // but the subscribers' numbering closes over it.
+            self.shared
+                .metrics
+                .drops
+                .with_label_values(&["padding"])
+                .inc();
+            let layer = stream.layer;
+            let key = crate::forward::source_key(sid, layer, source as u64);
+            let Some(routes) = call.routes.get(&(sid, source)) else {
+                return;
+            };
+            for &(sub, slot) in routes {
+                if let Some(sl) = self
+                    .sessions
+                    .get_mut(&sub)
+                    .and_then(|subscriber| subscriber.slots.get_mut(slot))
+                    && sl.assigned == Some((sid, source))
+                    && (!sl.video || sl.layer == Some(layer))
+                {
+                    sl.rewriter.skip(key, packet.header.sequence_number);
+                }
+            }
+            return;
+        }
         let mut key_frame = false;
         let verdict = match stream.codec {
             Codec::Vp8 => match vp8_info(payload) {
@@ -728,6 +759,20 @@ impl Engine {
                     }
                 }
             }
+        }
+        #[cfg(feature = "payload-capture")]
+        if forwarded > 0
+            && let Ok(c) = self.shared.capture.lock()
+            && let Some(tx) = c.as_ref()
+        {
+            let _ = tx.try_send(crate::CapturedPayload {
+                publisher: sid,
+                sequence: packet.header.sequence_number,
+                marker: packet.header.marker,
+                source,
+                key_frame,
+                payload: packet.payload.to_vec(),
+            });
         }
         if source.is_video() {
             self.forwarded_video.inc_by(forwarded);
@@ -1087,9 +1132,9 @@ impl Engine {
         let _ = catch_unwind(AssertUnwindSafe(|| s.pc.close()));
         self.by_ufrag.remove(&s.ufrag);
         self.shared.unroute_ufrag(&s.ufrag);
-        if let Some(addr) = s.remote {
-            self.by_addr.remove(&addr);
-            self.shared.unroute_addr(&addr);
+        for addr in &s.remotes {
+            self.by_addr.remove(addr);
+            self.shared.unroute_addr(addr);
         }
         self.shared.session_count.fetch_sub(1, Ordering::Relaxed);
         self.shared.metrics.sessions.dec();
@@ -1154,7 +1199,7 @@ fn forward_one(sub: &mut Session, slot_index: usize, inb: &Inbound<'_>, now: Ins
             return Forward::Skipped;
         }
     }
-    let source_key = (inb.publisher << 8) | (u64::from(inb.layer) << 2) | inb.source as u64;
+    let source_key = crate::forward::source_key(inb.publisher, inb.layer, inb.source as u64);
     let rw = slot.rewriter.rewrite(
         source_key,
         inb.packet.header.sequence_number,

@@ -132,6 +132,25 @@ impl Rewriter {
         self.started = true;
         out
     }
+
+    /// Input packet `seq` of `source` is not forwarded (padding, say). If it
+    /// directly follows the last packet sent, later packets move down by one,
+    /// so the receiver sees no gap it would take for loss. Anything else is
+    /// left alone: a real gap stays visible, to be repaired by NACK.
+    pub fn skip(&mut self, source: u64, seq: u16) {
+        if !self.started || self.source != Some(source) {
+            return;
+        }
+        let last_in = self.last_seq.wrapping_sub(self.seq_delta);
+        if seq == last_in.wrapping_add(1) {
+            self.seq_delta = self.seq_delta.wrapping_sub(1);
+        }
+    }
+}
+
+/// The [`Rewriter`] input id of one publisher's source and layer.
+pub fn source_key(publisher: u64, layer: u8, source: u64) -> u64 {
+    (publisher << 8) | (u64::from(layer) << 2) | source
 }
 
 /// RFC 6464 level (0 = 0 dBov, loudest; 127 = silence) from a one-byte
@@ -345,6 +364,24 @@ mod tests {
         let e = rw.rewrite(2, 6, 0, 90_000, t0 + Duration::from_millis(170));
         assert_eq!(e.seq, 1001u16.wrapping_add(0));
         assert_eq!(rw.rewrite(2, 9, 6009, 90_000, t0).seq, 1004);
+    }
+
+    #[test]
+    fn rewriter_closes_over_skipped_padding_but_not_loss() {
+        let t0 = Instant::now();
+        let mut rw = Rewriter::default();
+        assert_eq!(rw.rewrite(1, 100, 0, 90_000, t0).seq, 100);
+        // 101 and 102 are padding: skipped, so 103 goes out as 101.
+        rw.skip(1, 101);
+        rw.skip(1, 102);
+        assert_eq!(rw.rewrite(1, 103, 0, 90_000, t0).seq, 101);
+        // 104 is lost upstream: the gap stays for NACK; its retransmission fills it.
+        assert_eq!(rw.rewrite(1, 105, 0, 90_000, t0).seq, 103);
+        assert_eq!(rw.rewrite(1, 104, 0, 90_000, t0).seq, 102);
+        // Padding of another input, or out of order, changes nothing.
+        rw.skip(2, 106);
+        rw.skip(1, 110);
+        assert_eq!(rw.rewrite(1, 106, 0, 90_000, t0).seq, 104);
     }
 
     #[test]

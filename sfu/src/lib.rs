@@ -34,6 +34,23 @@ pub use api::{
     SfuControl, SfuError, SfuEvent, Source,
 };
 pub use config::SfuConfig;
+
+/// A forwarded payload, as captured for tests (feature `payload-capture`).
+#[cfg(feature = "payload-capture")]
+#[derive(Clone, Debug)]
+pub struct CapturedPayload {
+    /// The publishing session.
+    pub publisher: SessionId,
+    /// The publisher's RTP sequence number and marker bit.
+    pub sequence: u16,
+    pub marker: bool,
+    /// What the publisher sent it as.
+    pub source: Source,
+    /// Whether it starts a VP8 key frame.
+    pub key_frame: bool,
+    /// The RTP payload (VP8 payload descriptor first, for video).
+    pub payload: Vec<u8>,
+}
 pub use metrics::SfuMetrics;
 pub use session::summarize_offer;
 
@@ -164,6 +181,19 @@ impl Sfu {
             self.worker_of_session(session),
             Command::InjectFault(session),
         );
+    }
+
+    /// Tests only (feature `payload-capture`): from now on, a copy of every
+    /// forwarded payload (the bytes after the RTP header) goes to the returned
+    /// receiver, up to `capacity` waiting; more are skipped. A second call
+    /// replaces the first receiver.
+    #[cfg(feature = "payload-capture")]
+    pub fn capture_forwarded(&self, capacity: usize) -> std::sync::mpsc::Receiver<CapturedPayload> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
+        if let Ok(mut c) = self.shared.capture.lock() {
+            *c = Some(tx);
+        }
+        rx
     }
 
     /// Stops every worker and closes every session.

@@ -164,7 +164,7 @@ pub struct Session {
     pub participant: String,
     pub pc: RTCPeerConnection,
     pub ufrag: String,
-    pub remote: Option<SocketAddr>,
+    pub remotes: Vec<SocketAddr>,
     pub rights: PublishRights,
     pub prefs: QualityPrefs,
     pub pins: Vec<(String, Source)>,
@@ -195,7 +195,7 @@ impl std::fmt::Debug for Session {
         f.debug_struct("Session")
             .field("id", &self.id)
             .field("participant", &self.participant)
-            .field("remote", &self.remote)
+            .field("remotes", &self.remotes)
             .field("up", &self.up)
             .finish_non_exhaustive()
     }

@@ -74,6 +74,9 @@ pub(crate) struct Shared {
     pub stopping: AtomicBool,
     ufrags: RwLock<HashMap<String, usize>>,
     addrs: RwLock<HashMap<SocketAddr, usize>>,
+    /// Tests only: where copies of forwarded payloads go.
+    #[cfg(feature = "payload-capture")]
+    pub capture: std::sync::Mutex<Option<std::sync::mpsc::SyncSender<crate::CapturedPayload>>>,
 }
 
 impl Shared {
@@ -95,6 +98,8 @@ impl Shared {
             stopping: AtomicBool::new(false),
             ufrags: RwLock::new(HashMap::new()),
             addrs: RwLock::new(HashMap::new()),
+            #[cfg(feature = "payload-capture")]
+            capture: std::sync::Mutex::new(None),
         }
     }
 
