@@ -112,10 +112,46 @@ impl AppState {
 
 const STATUS_PAGE: &str = include_str!("status.html");
 
-/// The HTTP application: status page, health, metrics and the WebSocket.
+/// The HTTP application without the web app: a status page at `/`, health,
+/// metrics, the API and the WebSocket.
 pub fn router(state: AppState) -> Router {
+    router_with_web(state, None)
+}
+
+/// The content security policy of the web app: its own scripts, styles and
+/// worker only; connections to this origin (API, WebSocket); media from
+/// in-page streams. Nothing from anywhere else.
+const WEB_CSP: &str = "default-src 'self'; script-src 'self'; worker-src 'self'; \
+    style-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; \
+    connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+/// The HTTP application. With `web_dir` (the built web app,
+/// `client-sdk/web/dist/app`), `/` serves the app and its files; without it,
+/// `/` is a status page.
+pub fn router_with_web(state: AppState, web_dir: Option<&std::path::Path>) -> Router {
+    use axum::http::{HeaderName, HeaderValue, header};
+    use tower_http::services::{ServeDir, ServeFile};
+    use tower_http::set_header::SetResponseHeaderLayer;
+
+    let base = match web_dir {
+        Some(dir) => Router::new()
+            .route_service("/", ServeFile::new(dir.join("index.html")))
+            .fallback_service(ServeDir::new(dir))
+            .layer(SetResponseHeaderLayer::overriding(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(WEB_CSP),
+            ))
+            .layer(SetResponseHeaderLayer::overriding(
+                HeaderName::from_static("x-content-type-options"),
+                HeaderValue::from_static("nosniff"),
+            ))
+            .layer(SetResponseHeaderLayer::overriding(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("no-cache"),
+            )),
+        None => Router::new().route("/", get(|| async { Html(STATUS_PAGE) })),
+    };
     Router::new()
-        .route("/", get(|| async { Html(STATUS_PAGE) }))
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/metrics",
@@ -149,4 +185,5 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/calls", get(api::list_calls))
         .route("/admin/calls/{id}/events", get(api::call_events))
         .with_state(state)
+        .merge(base)
 }

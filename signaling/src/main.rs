@@ -13,7 +13,7 @@ use clap::Parser;
 use conclave_protocol::mls::{Identity, Principal};
 use conclave_sfu::{Sfu, SfuConfig, SfuMetrics};
 use conclave_signaling::sfu::{NoSfu, SfuControl};
-use conclave_signaling::{AppState, CallConfig, auth, router};
+use conclave_signaling::{AppState, CallConfig, auth, router_with_web};
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
@@ -55,6 +55,10 @@ struct Args {
     /// Run signaling only, without the embedded SFU.
     #[arg(long, env = "CONCLAVE_NO_SFU")]
     no_sfu: bool,
+    /// Directory of the built web app, served at `/` [default:
+    /// client-sdk/web/dist/app of this source tree, if built].
+    #[arg(long, env = "CONCLAVE_WEB_DIR")]
+    web_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,6 +74,7 @@ struct FileConfig {
     sfu_advertised_ip: Option<IpAddr>,
     sfu_workers: Option<usize>,
     no_sfu: Option<bool>,
+    web_dir: Option<PathBuf>,
 }
 
 /// Reads the token-signing key from the data directory, creating it on first run.
@@ -215,11 +220,37 @@ async fn main() -> anyhow::Result<()> {
         state.hub.attach_sfu_events(events);
     }
 
+    // The web app: an explicit directory must hold it; the default is used if built.
+    let web_dir = match args.web_dir.or(file.web_dir) {
+        Some(dir) => {
+            anyhow::ensure!(
+                dir.join("index.html").is_file(),
+                "{} has no index.html (build the web app: cd client-sdk/web && npm ci && npm run build)",
+                dir.display()
+            );
+            Some(dir)
+        }
+        None => {
+            let dir = PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../client-sdk/web/dist/app"
+            ));
+            if dir.join("index.html").is_file() {
+                Some(dir)
+            } else {
+                tracing::warn!(
+                    "the web app is not built (cd client-sdk/web && npm ci && npm run build); / shows a status page"
+                );
+                None
+            }
+        }
+    };
+
     let listener = tokio::net::TcpListener::bind(http)
         .await
         .with_context(|| format!("binding {http}"))?;
     tracing::info!(addr = %http, db = %redact(&database_url), "conclave listening; open http://{http}/");
-    axum::serve(listener, router(state))
+    axum::serve(listener, router_with_web(state, web_dir.as_deref()))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })
