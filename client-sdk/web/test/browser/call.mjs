@@ -1,0 +1,241 @@
+#!/usr/bin/env node
+// Drives real browsers through a Conclave call, the way people use the web
+// app: sign in, join, watch, share a screen, and get removed. Started by
+// cli/tests/browser.rs, which runs the server (with the SFU), a Rust bot that
+// publishes audio and VP8 video, and checks what the SFU forwarded.
+//
+// Config: the JSON in $CONCLAVE_BROWSER_TEST:
+//   {server, call, browsers: [names], passwords: {name: pw, admin: pw},
+//    ids: {name: user id}, bot: "<user id>/<device>", victim: name,
+//    artifacts: dir, chromium: path}
+// stdout: one JSON object per line; the last is {"event":"passed",...} or
+// {"event":"failed","error":...} (exit status 1).
+import { mkdirSync } from "node:fs";
+import { join as pathJoin } from "node:path";
+import { chromium } from "playwright-core";
+
+const cfg = JSON.parse(process.env.CONCLAVE_BROWSER_TEST ?? "{}");
+const log = (o) => process.stdout.write(`${JSON.stringify(o)}\n`);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const t0 = Date.now();
+const since = () => Date.now() - t0;
+
+const FLAGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--use-fake-device-for-media-stream",
+  "--use-fake-ui-for-media-stream",
+  "--autoplay-policy=no-user-gesture-required",
+  "--allow-loopback-in-peer-connection",
+];
+
+/** Polls `fn` until it returns a truthy value; throws `what` after `ms`. */
+async function until(what, ms, fn, every = 200) {
+  const end = Date.now() + ms;
+  let last;
+  for (;;) {
+    last = await fn();
+    if (last) return last;
+    if (Date.now() > end) throw new Error(`timed out after ${ms} ms: ${what}`);
+    await sleep(every);
+  }
+}
+
+const people = {}; // name -> {page, memberId}
+
+/** What a page shows: its tiles' video state, and the client's counters. */
+function look(page) {
+  return page.evaluate(() => {
+    const tiles = [...document.querySelectorAll('[data-testid="tile"]')].map((t) => {
+      const v = t.querySelector("video");
+      return {
+        member: t.dataset.member ?? null,
+        source: t.dataset.source ?? null,
+        self: t.hasAttribute("data-self"),
+        width: v?.videoWidth ?? 0,
+        frames: v?.getVideoPlaybackQuality?.().totalVideoFrames ?? 0,
+      };
+    });
+    const c = window.conclave;
+    return { tiles, stats: c ? c.stats() : null, phase: c?.client?.phase ?? null };
+  });
+}
+
+/** The tiles of `page` whose video advanced between two looks `ms` apart: Map "member|source" -> {width, frames}. */
+async function advancing(page, ms = 1500) {
+  const a = await look(page);
+  await sleep(ms);
+  const b = await look(page);
+  const out = new Map();
+  for (const t of b.tiles) {
+    if (t.self) continue;
+    const before = a.tiles.find((x) => x.member === t.member && x.source === t.source);
+    if (before && t.width > 0 && t.frames > before.frames) out.set(`${t.member}|${t.source}`, { width: t.width, frames: t.frames - before.frames });
+  }
+  return { moving: out, stats: b.stats };
+}
+
+async function join(browser, name) {
+  const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const page = await ctx.newPage();
+  page.on("pageerror", (e) => log({ event: "pageerror", who: name, error: String(e) }));
+  page.on("console", (m) => {
+    if (m.type() === "error" || m.type() === "warning") log({ event: "console", who: name, type: m.type(), text: m.text() });
+  });
+  if (name === cfg.victim) {
+    // The evicted member's page must not learn it was removed (a client
+    // that ignores removal, with a server that keeps relaying to it): drop
+    // `removed`, and keep the page's socket open when the server closes it.
+    await page.routeWebSocket(/\/ws/, (ws) => {
+      const server = ws.connectToServer();
+      server.onMessage((m) => {
+        try {
+          if (JSON.parse(String(m)).type === "removed") {
+            log({ event: "hidden_from_victim", type: "removed", at: since() });
+            return;
+          }
+        } catch {
+          // Not JSON: pass it on.
+        }
+        ws.send(m);
+      });
+      server.onClose(() => log({ event: "victim_socket_closed_by_server", at: since() }));
+      ws.onMessage((m) => server.send(m));
+    });
+  }
+  const started = Date.now();
+  await page.goto(`${cfg.server}/?call=${encodeURIComponent(cfg.call)}`);
+  await page.getByTestId("signin-username").fill(name);
+  await page.getByTestId("signin-password").fill(cfg.passwords[name]);
+  await page.getByTestId("signin-submit").click();
+  await page.getByTestId("join-call").click();
+  await page.waitForFunction(() => window.conclave?.client?.phase === "live", null, { timeout: 45_000 });
+  const memberId = await page.evaluate(() => window.conclave.client.members().find((m) => m.self)?.id);
+  people[name] = { page, memberId };
+  log({ event: "live", who: name, member: memberId, ms: Date.now() - started });
+}
+
+async function main() {
+  mkdirSync(cfg.artifacts, { recursive: true });
+  const browser = await chromium.launch({ executablePath: cfg.chromium, headless: true, args: FLAGS });
+  try {
+    for (const name of cfg.browsers) await join(browser, name);
+    const names = cfg.browsers;
+    const publishers = () => [...names.map((n) => people[n].memberId), cfg.bot];
+
+    // 1. Every browser decodes every other publisher's video.
+    for (const name of names) {
+      const others = publishers().filter((m) => m !== people[name].memberId);
+      const got = await until(`${name} sees video from ${others.join(", ")}`, 40_000, async () => {
+        const { moving } = await advancing(people[name].page, 1000);
+        return others.every((m) => moving.has(`${m}|camera`)) ? moving : null;
+      });
+      log({ event: "decodes_all", who: name, videos: Object.fromEntries(got) });
+    }
+
+    // 2. Once the epoch has settled: no decryption failures while media flows.
+    const before = {};
+    for (const name of names) before[name] = (await look(people[name].page)).stats;
+    await sleep(5000);
+    for (const name of names) {
+      const after = (await look(people[name].page)).stats;
+      const failures = after.decryptFailures - before[name].decryptFailures;
+      const decrypted = after.framesDecrypted - before[name].framesDecrypted;
+      log({ event: "settled", who: name, epoch: after.epoch, decrypted_5s: decrypted, failures_5s: failures, total_failures: after.decryptFailures });
+      if (failures !== 0) throw new Error(`${name}: ${failures} decryption failures in 5 s after the epoch settled`);
+      if (decrypted < 100) throw new Error(`${name}: only ${decrypted} frames decrypted in 5 s`);
+    }
+
+    // 3. A screen share from the first browser reaches the others.
+    const sharer = names[0];
+    await people[sharer].page.getByTestId("btn-screen").click();
+    for (const name of names.slice(1)) {
+      const key = `${people[sharer].memberId}|screen`;
+      const got = await until(`${name} sees ${sharer}'s screen`, 20_000, async () => {
+        const { moving } = await advancing(people[name].page, 1000);
+        return moving.get(key);
+      });
+      log({ event: "screen_share_seen", who: name, from: sharer, width: got.width, frames_1s: got.frames });
+    }
+    await sleep(1000);
+    await people[names[1]].page.screenshot({ path: pathJoin(cfg.artifacts, "call.png") });
+    log({ event: "screenshot", path: pathJoin(cfg.artifacts, "call.png") });
+
+    // 4. Removal: an administrator removes the victim; within 2 s of the new
+    // epoch its page can no longer decrypt, while the others carry on.
+    const victim = people[cfg.victim];
+    const stayers = names.filter((n) => n !== cfg.victim);
+    const epochBefore = (await look(people[stayers[0]].page)).stats.epoch;
+    const victimBefore = (await look(victim.page)).stats;
+    const admin = await fetch(`${cfg.server}/api/login`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ username: "admin", password: cfg.passwords.admin }),
+    }).then((r) => r.json());
+    const removedAt = Date.now();
+    const res = await fetch(`${cfg.server}/admin/users/${cfg.ids[cfg.victim]}/remove`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${admin.token}` },
+    });
+    if (!res.ok) throw new Error(`admin remove: HTTP ${res.status} ${await res.text()}`);
+    await until("the others reach a new epoch", 10_000, async () => {
+      const all = await Promise.all(stayers.map(async (n) => (await look(people[n].page)).stats.epoch));
+      return all.every((e) => e > epochBefore);
+    }, 20);
+    const newEpochAt = Date.now();
+    log({ event: "new_epoch", ms_after_remove: newEpochAt - removedAt });
+    const climbed = await until("the victim's decrypt failures climb", 2000, async () => {
+      const s = (await look(victim.page)).stats;
+      return s.decryptFailures >= victimBefore.decryptFailures + 10 ? s : null;
+    }, 20);
+    const climbMs = Date.now() - newEpochAt;
+    log({ event: "victim_cannot_decrypt", ms_after_new_epoch: climbMs, failures: climbed.decryptFailures - victimBefore.decryptFailures, epoch_it_holds: climbed.epoch });
+    await sleep(1500);
+    const frozen = await advancing(victim.page, 2000);
+    const stillMoving = [...frozen.moving.keys()].filter((k) => !k.startsWith(`${victim.memberId}|`));
+    log({ event: "victim_video", moving: stillMoving, failures_total: frozen.stats.decryptFailures });
+    if (stillMoving.length > 0) throw new Error(`the evicted member still decodes ${stillMoving.join(", ")}`);
+    for (const name of stayers) {
+      // The rekey makes every publisher send a key frame at once; on a
+      // loaded machine a stream may stall briefly before it recovers.
+      const others = [...stayers.filter((n) => n !== name).map((n) => people[n].memberId), cfg.bot];
+      const from = Date.now();
+      const { moving, stats } = await until(`${name} keeps video from ${others.join(", ")} after the removal`, 10_000, async () => {
+        const r = await advancing(people[name].page, 1000);
+        return others.every((m) => r.moving.has(`${m}|camera`)) ? r : null;
+      });
+      log({ event: "carries_on", who: name, epoch: stats.epoch, moving: [...moving.keys()], ms_checked: Date.now() - from });
+      if (stats.epoch <= epochBefore) throw new Error(`${name} did not move to the new epoch`);
+    }
+    log({ event: "passed", ms: since() });
+  } catch (e) {
+    for (const [name, p] of Object.entries(people)) {
+      const rtp = await p.page
+        .evaluate(async () => {
+          const pc = window.conclave.client.pc;
+          if (!pc) return null;
+          const rows = [];
+          (await pc.getStats()).forEach((r) => {
+            if (r.type === "inbound-rtp" || r.type === "outbound-rtp") rows.push([r.type, r.kind, r.mid, r.packetsReceived ?? r.packetsSent, r.framesDecoded ?? r.framesEncoded ?? "", r.packetsLost ?? "", r.pliCount ?? "", r.nackCount ?? ""]);
+          });
+          return { state: pc.connectionState, rows, worker: window.conclave.client.workerStats };
+        })
+        .catch((x) => String(x));
+      log({ event: "rtp", who: name, rtp });
+      await p.page.screenshot({ path: pathJoin(cfg.artifacts, `failure-${name}.png`) }).catch(() => {});
+      log({ event: "state", who: name, look: await look(p.page).catch((x) => String(x)) });
+    }
+    log({ event: "failed", error: String(e?.stack ?? e) });
+    process.exitCode = 1;
+  } finally {
+    await browser.close();
+  }
+}
+
+await main();
