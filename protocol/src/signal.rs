@@ -205,6 +205,11 @@ pub struct RosterMember {
     pub user_id: String,
     /// Device id.
     pub device_id: String,
+    /// The name to show for the user (the account's display name; `Guest`
+    /// for guests). Chosen by the organisation, not verified by MLS: the
+    /// safety number is what binds a person to a key.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub display_name: String,
     /// MLS leaf index, once in the group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leaf: Option<u32>,

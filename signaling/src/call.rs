@@ -59,6 +59,8 @@ pub struct RecorderSeat {
     pub session: SessionId,
     /// Its user id.
     pub user_id: String,
+    /// Its display name.
+    pub display_name: String,
     /// The device the key package belongs to.
     pub device_id: String,
     /// What the key package says.
@@ -143,6 +145,7 @@ struct Member {
     principal: Principal,
     user_id: String,
     device_id: String,
+    display_name: String,
     identity_key: Vec<u8>,
     key_package: Vec<u8>,
     leaf: Option<u32>,
@@ -337,6 +340,7 @@ impl Call {
                 .map(|m| RosterMember {
                     user_id: m.user_id.clone(),
                     device_id: m.device_id.clone(),
+                    display_name: m.display_name.clone(),
                     leaf: m.leaf,
                     identity_key: Bytes(m.identity_key.clone()),
                     audio_muted: m.audio_muted,
@@ -362,6 +366,7 @@ impl Call {
         session: SessionId,
         user_id: &str,
         device_id: &str,
+        display_name: &str,
         kp: KeyPackageInfo,
         key_package: Vec<u8>,
         limits: JoinLimits,
@@ -410,6 +415,7 @@ impl Call {
             principal,
             user_id: user_id.to_owned(),
             device_id: device_id.to_owned(),
+            display_name: display_name.to_owned(),
             identity_key: kp.identity_key,
             key_package,
             leaf: None,
@@ -454,6 +460,7 @@ impl Call {
             principal,
             user_id: seat.user_id,
             device_id: seat.device_id,
+            display_name: seat.display_name,
             identity_key: seat.info.identity_key,
             key_package: seat.key_package,
             leaf: None,

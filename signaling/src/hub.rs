@@ -43,6 +43,8 @@ pub enum CallInput {
         user_id: String,
         /// Device.
         device_id: String,
+        /// The name others see.
+        display_name: String,
         /// What the key package says.
         info: KeyPackageInfo,
         /// The key package.
@@ -444,6 +446,7 @@ impl Hub {
                 id,
                 user_id,
                 device_id,
+                display_name,
                 info,
                 key_package,
                 limits,
@@ -455,6 +458,7 @@ impl Hub {
                     session,
                     &user_id,
                     &device_id,
+                    &display_name,
                     info,
                     key_package,
                     limits,

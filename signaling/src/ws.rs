@@ -223,6 +223,7 @@ async fn handle_text(app: &AppState, sid: SessionId, claims: &Claims, text: &str
             } else {
                 None
             };
+            let display_name = display_name(app, claims).await;
             hub.join(
                 &call_id,
                 CallInput::Join {
@@ -230,6 +231,7 @@ async fn handle_text(app: &AppState, sid: SessionId, claims: &Claims, text: &str
                     id,
                     user_id: claims.sub.clone(),
                     device_id,
+                    display_name,
                     info,
                     key_package: key_package.0,
                     limits,
@@ -458,13 +460,30 @@ async fn recorder_seat(
         .map_err(|_| refusal(ErrorCode::Internal, "a stored key package is corrupt"))?;
     let info = validate_key_package(&key_package)
         .map_err(|_| unavailable("its stored key package is no longer valid"))?;
+    let display_name = match app.db.user(&recorder).await {
+        Ok(Some(u)) => u.display_name,
+        _ => String::new(),
+    };
     Ok(Some(RecorderSeat {
         session,
+        display_name,
         user_id: recorder,
         device_id,
         info,
         key_package,
     }))
+}
+
+/// The name others see for this session's user: the account's display name,
+/// or `Guest`. Empty if it cannot be read (clients then show the user id).
+async fn display_name(app: &AppState, claims: &Claims) -> String {
+    if claims.kind == TokenKind::Guest {
+        return "Guest".into();
+    }
+    match app.db.user(&claims.sub).await {
+        Ok(Some(u)) => u.display_name,
+        _ => String::new(),
+    }
 }
 
 /// What the joiner's security group allows, and whether it requires

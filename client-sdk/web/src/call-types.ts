@@ -32,6 +32,8 @@ export interface Member {
   id: string;
   userId: string;
   deviceId: string;
+  /** The account's display name from the server ("Guest" for guests; empty if unknown). Not bound to the key: verify by safety number. */
+  displayName: string;
   /** This browser's own entry. */
   self: boolean;
   /** Leaf index in the MLS group; null while the member is still joining. */
@@ -86,6 +88,8 @@ export interface CallStats {
   decryptFailures: number;
   /** Decrypt failures since the current epoch became ready. */
   decryptFailuresThisEpoch: number;
+  /** Members whose voice is in this client's audio slots now (from the decrypted KIDs). */
+  hearing: string[];
 }
 
 /** Events the client emits (`client.on(name, fn)`). */

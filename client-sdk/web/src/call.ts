@@ -131,6 +131,7 @@ const verifiedKey = (memberId: string): string => `conclave.verified.${memberId}
 interface RosterWire {
   user_id: string;
   device_id: string;
+  display_name?: string;
   leaf?: number;
   identity_key: string;
   audio_muted: boolean;
@@ -174,6 +175,8 @@ export class CallClient {
   private serverRoster: RosterWire[] = [];
   private speakerId: string | null = null;
   private readonly videoSlots = new Map<string, { stream: MediaStream; leaf: number | null; context: number | null }>();
+  /** Who is in each audio slot (leaf), from the decrypted KIDs. */
+  private readonly audioSlots = new Map<string, number>();
   private readonly remoteAudio = new MediaStream();
   private workerStats = { encrypted: 0, decrypted: 0, failures: 0, beforeKeys: 0, unsentNoKey: 0 };
   private failuresAtReady = 0;
@@ -484,6 +487,7 @@ export class CallClient {
   private async negotiate(): Promise<void> {
     this.pc?.close();
     this.videoSlots.clear();
+    this.audioSlots.clear();
     const config: RTCConfiguration & { encodedInsertableStreams?: boolean } = {
       bundlePolicy: "max-bundle",
       rtcpMuxPolicy: "require",
@@ -546,6 +550,10 @@ export class CallClient {
         this.workerStats = { ...m };
         break;
       case "slot": {
+        if (m.slot.startsWith("a")) {
+          this.audioSlots.set(m.slot, m.leaf);
+          break;
+        }
         const s = this.videoSlots.get(m.slot);
         if (s && (s.leaf !== m.leaf || s.context !== m.context)) {
           s.leaf = m.leaf;
@@ -603,6 +611,7 @@ export class CallClient {
         id,
         userId: r.user_id,
         deviceId: r.device_id,
+        displayName: r.display_name ?? "",
         self: id === self,
         leaf,
         inGroup: sameIdentity,
@@ -624,6 +633,7 @@ export class CallClient {
         id,
         userId: e.principal.userId,
         deviceId: e.principal.deviceId,
+        displayName: "",
         self: id === self,
         leaf: e.leaf,
         inGroup: true,
@@ -690,6 +700,11 @@ export class CallClient {
       framesDecrypted: this.workerStats.decrypted,
       decryptFailures: this.workerStats.failures,
       decryptFailuresThisEpoch: this.workerStats.failures - this.failuresAtReady,
+      hearing: [
+        ...new Set(
+          [...this.audioSlots.values()].map((leaf) => this.memberIdOfLeaf(leaf)).filter((id): id is string => id !== null),
+        ),
+      ],
     };
   }
 

@@ -71,6 +71,8 @@ export class CallView {
   private readonly client: CallClient;
   private readonly selfId: string;
   private readonly nameOf: Namer;
+  /** Display names from the roster, by user id. */
+  private readonly displayNames = new Map<string, string>();
   private members: Member[] = [];
   private videos: RemoteVideo[] = [];
   private speaker: string | null = null;
@@ -107,7 +109,7 @@ export class CallView {
 
   constructor(private readonly opts: CallViewOptions) {
     this.selfId = `${opts.session.userId}/${opts.deviceId}`;
-    this.nameOf = namer(opts.session.userId, opts.session.name);
+    this.nameOf = namer(opts.session.userId, opts.session.name, this.displayNames);
     this.client = new CallClient({
       server: opts.server,
       token: opts.session.token,
@@ -242,6 +244,7 @@ export class CallView {
     c.on("phase", (p) => this.setPhase(p));
     c.on("roster", (members) => {
       this.members = members;
+      for (const m of members) if (m.displayName) this.displayNames.set(m.userId, m.displayName);
       this.render();
     });
     c.on("videos", (videos) => {

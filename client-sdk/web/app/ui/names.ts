@@ -1,7 +1,8 @@
-// How people are named on screen. The engine gives user ids only; accounts'
-// ids are opaque (32 hex digits), so they are shortened, and our own name is
-// the one typed at sign-in. The full id stays available in tooltips and in the
-// verify sheet, where exactness matters.
+// How people are named on screen: the display name the server's roster gives
+// (set by the organisation; "Guest" for guests) when there is one. Otherwise
+// accounts' ids are opaque (32 hex digits), so they are shortened, and our own
+// name is the one typed at sign-in. The full id stays available in tooltips
+// and in the verify sheet, where exactness matters.
 
 export type Namer = (userId: string) => string;
 
@@ -10,6 +11,7 @@ export function shortId(userId: string): string {
   return /^[0-9a-f]{16,}$/i.test(userId) ? userId.slice(0, 8) : userId;
 }
 
-export function namer(selfUserId: string, selfName: string): Namer {
-  return (userId) => (userId === selfUserId ? selfName : shortId(userId));
+/** `displayNames` (user id → name) is read at each call, so it may be updated as rosters arrive. */
+export function namer(selfUserId: string, selfName: string, displayNames: ReadonlyMap<string, string>): Namer {
+  return (userId) => displayNames.get(userId) ?? (userId === selfUserId ? selfName : shortId(userId));
 }
