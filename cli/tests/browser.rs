@@ -259,6 +259,7 @@ async fn browsers_and_a_bot_hold_an_encrypted_call() {
         ("bob", false),
         ("carol", false),
         ("bot", false),
+        ("rec", false),
         ("admin", true),
     ] {
         let hash = conclave_signaling::auth::hash_password(&format!("{name}-password")).unwrap();
@@ -307,6 +308,30 @@ async fn browsers_and_a_bot_hold_an_encrypted_call() {
             |l| println!("bot: {l}"),
         )
         .await
+    });
+
+    // A second Rust participant records the call: the browsers must reach
+    // the Rust SDK too (seen and heard).
+    let rec = Connect {
+        server: url.clone(),
+        auth: Auth::Token(
+            state
+                .tokens
+                .issue(ids["rec"].as_str().unwrap(), TokenKind::User, None),
+        ),
+        call: "clinic".into(),
+        device: "rec-dev".into(),
+        loopback: true,
+    };
+    let rec_dir = work.join("recording");
+    let rec_task = tokio::spawn({
+        let dir = rec_dir.clone();
+        async move {
+            conclave_cli::record(&rec, &dir, Duration::from_secs(40), |l| {
+                println!("rec: {l}")
+            })
+            .await
+        }
     });
 
     // The browsers.
@@ -368,6 +393,28 @@ async fn browsers_and_a_bot_hold_an_encrypted_call() {
         lines.iter().any(|l| l.contains("\"event\":\"passed\"")),
         "the browser driver did not report success"
     );
+    // The Rust recorder saw and heard every browser.
+    let manifest = rec_task.await.unwrap().unwrap();
+    let browsers: Vec<String> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "live")
+        .filter_map(|v| v["member"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(browsers.len(), 3);
+    for b in &browsers {
+        let p = manifest
+            .participants
+            .iter()
+            .find(|p| &p.participant == b)
+            .unwrap_or_else(|| panic!("the Rust recorder got nothing from {b}"));
+        println!(
+            "rec: {b}: {} audio frames, {} video frames",
+            p.audio_frames, p.video_frames
+        );
+        assert!(p.audio_frames >= 100, "heard {b}");
+        assert!(p.video_frames >= 20, "saw {b}");
+    }
     assert!(
         *control.refused_closes.lock().unwrap() >= 1,
         "the server ordered the evicted member's media closed"

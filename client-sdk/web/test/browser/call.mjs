@@ -139,6 +139,24 @@ async function main() {
       log({ event: "decodes_all", who: name, videos: Object.fromEntries(got) });
     }
 
+    // ... sees everyone by the name their organisation gave them ...
+    for (const name of names) {
+      const shown = await people[name].page.evaluate(() => window.conclave.client.members().map((m) => m.displayName));
+      for (const want of [...names, "bot"]) {
+        if (!shown.includes(want)) throw new Error(`${name}'s roster lacks the display name ${want}: ${JSON.stringify(shown)}`);
+      }
+    }
+
+    // ... and hears every other publisher (voices in its audio slots, decrypted).
+    for (const name of names) {
+      const others = publishers().filter((m) => m !== people[name].memberId);
+      const hearing = await until(`${name} hears ${others.join(", ")}`, 20_000, async () => {
+        const h = (await look(people[name].page)).stats.hearing;
+        return others.every((m) => h.includes(m)) ? h : null;
+      });
+      log({ event: "hears_all", who: name, hearing });
+    }
+
     // 2. Once the epoch has settled: no decryption failures while media flows.
     const before = {};
     for (const name of names) before[name] = (await look(people[name].page)).stats;
@@ -206,7 +224,7 @@ async function main() {
       // loaded machine a stream may stall briefly before it recovers.
       const others = [...stayers.filter((n) => n !== name).map((n) => people[n].memberId), cfg.bot];
       const from = Date.now();
-      const { moving, stats } = await until(`${name} keeps video from ${others.join(", ")} after the removal`, 10_000, async () => {
+      const { moving, stats } = await until(`${name} keeps video from ${others.join(", ")} after the removal`, 20_000, async () => {
         const r = await advancing(people[name].page, 1000);
         return others.every((m) => r.moving.has(`${m}|camera`)) ? r : null;
       });
