@@ -343,6 +343,7 @@ async fn browsers_and_a_bot_hold_an_encrypted_call() {
         "ids": ids,
         "bot": format!("{}/bot-dev", ids["bot"].as_str().unwrap()),
         "victim": "carol",
+        "fallback": "bob",
         "artifacts": artifacts,
         "chromium": CHROMIUM,
     });

@@ -7,6 +7,7 @@
 // Config: the JSON in $CONCLAVE_BROWSER_TEST:
 //   {server, call, browsers: [names], passwords: {name: pw, admin: pw},
 //    ids: {name: user id}, bot: "<user id>/<device>", victim: name,
+//    fallback: name (its page has no RTCRtpScriptTransform),
 //    artifacts: dir, chromium: path}
 // stdout: one JSON object per line; the last is {"event":"passed",...} or
 // {"event":"failed","error":...} (exit status 1).
@@ -88,6 +89,13 @@ async function join(browser, name) {
   page.on("console", (m) => {
     if (m.type() === "error" || m.type() === "warning") log({ event: "console", who: name, type: m.type(), text: m.text() });
   });
+  if (name === cfg.fallback) {
+    // This browser takes the createEncodedStreams path (as one without
+    // RTCRtpScriptTransform would), in the same call as the others.
+    await page.addInitScript(() => {
+      delete window.RTCRtpScriptTransform;
+    });
+  }
   if (name === cfg.victim) {
     // The evicted member's page must not learn it was removed (a client
     // that ignores removal, with a server that keeps relaying to it): drop
@@ -116,9 +124,12 @@ async function join(browser, name) {
   await page.getByTestId("signin-submit").click();
   await page.getByTestId("join-call").click();
   await page.waitForFunction(() => window.conclave?.client?.phase === "live", null, { timeout: 45_000 });
-  const memberId = await page.evaluate(() => window.conclave.client.members().find((m) => m.self)?.id);
+  const { memberId, transform } = await page.evaluate(() => ({
+    memberId: window.conclave.client.members().find((m) => m.self)?.id,
+    transform: typeof RTCRtpScriptTransform === "undefined" ? "createEncodedStreams" : "RTCRtpScriptTransform",
+  }));
   people[name] = { page, memberId };
-  log({ event: "live", who: name, member: memberId, ms: Date.now() - started });
+  log({ event: "live", who: name, member: memberId, ms: Date.now() - started, transform });
 }
 
 async function main() {
