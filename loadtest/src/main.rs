@@ -1,9 +1,214 @@
-//! `conclave-loadtest`: scenario-driven load generator (issue 6, not built yet).
+//! `conclave-loadtest`: runs a scenario against a Conclave server and writes
+//! a JSON result and an HTML report.
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "conclave-loadtest: not implemented yet (issue 6). \
-         Nothing was measured."
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use conclave_loadtest::run::{RunOptions, RunResult, run, write_results};
+use conclave_loadtest::scenario::Scenario;
+use conclave_loadtest::server::{Server, find_server_binary, loopback_only};
+use tracing_subscriber::EnvFilter;
+
+/// Conclave load generator.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Runs a scenario file.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Scenario file (TOML), e.g. loadtest/scenarios/meeting-100.toml.
+    scenario: PathBuf,
+    /// Multiply every video and screen-share bitrate (audio keeps its rate).
+    #[arg(long, default_value_t = 1.0)]
+    scale_bitrate: f64,
+    /// Change the participant count (publisher counts that meant
+    /// "everyone" follow it, cameras scale proportionally).
+    #[arg(long)]
+    participants: Option<u32>,
+    /// Seconds of steady phase (after the join ramp).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Directory for results (one subdirectory per run).
+    #[arg(long, default_value = "results")]
+    results: PathBuf,
+    /// Decrypt one received frame in N at each receiver (1: every frame).
+    #[arg(long, default_value_t = 1)]
+    decrypt_every: u32,
+    /// The `conclave` server binary to start [default: next to this
+    /// binary, else target/release/conclave, else target/debug/conclave].
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// SFU worker threads of the started server [default: its own].
+    #[arg(long)]
+    sfu_workers: Option<usize>,
+    /// Use a running server at this URL (http://127.0.0.1:PORT) instead.
+    #[arg(long, requires = "server_pid")]
+    server: Option<String>,
+    /// Process id of that server (CPU and memory come from /proc/PID).
+    #[arg(long, requires = "server")]
+    server_pid: Option<u32>,
+    /// Admin password of that server.
+    #[arg(long, env = "CONCLAVE_ADMIN_PASSWORD", default_value = "")]
+    admin_password: String,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Cmd::Run(args) => rt.block_on(run_cmd(args)),
+    }
+}
+
+async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
+    let mut scenario = Scenario::load(&a.scenario)?;
+    if let Some(n) = a.participants {
+        scenario = scenario.with_participants(n);
+    }
+    if let Some(d) = a.duration {
+        scenario.duration_s = d;
+    }
+    if !(a.scale_bitrate.is_finite() && a.scale_bitrate > 0.0) {
+        bail!("--scale-bitrate must be positive");
+    }
+    scenario = scenario.with_bitrate_scale(a.scale_bitrate);
+    scenario.validate()?;
+
+    let mut server = match (&a.server, a.server_pid) {
+        (Some(url), Some(pid)) => {
+            loopback_only(url)?;
+            Server::existing(url, pid, a.admin_password.clone())
+        }
+        _ => {
+            let bin = a
+                .server_bin
+                .clone()
+                .or_else(find_server_binary)
+                .context("no `conclave` binary found: build it (cargo build --release -p conclave-signaling --bin conclave) or pass --server-bin")?;
+            Server::start(&bin, a.sfu_workers).await?
+        }
+    };
+    let result = run(
+        &mut server,
+        RunOptions {
+            scenario,
+            bitrate_scale: a.scale_bitrate,
+            decrypt_every: a.decrypt_every,
+            progress: !a.quiet,
+        },
+    )
+    .await;
+    server.stop();
+    let result = result?;
+    let dir = write_results(&a.results, &result)?;
+    print_summary(&result, &dir);
+    Ok(())
+}
+
+#[allow(clippy::print_stdout, reason = "the binary's report goes to stdout")]
+fn print_summary(r: &RunResult, dir: &std::path::Path) {
+    let f = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+    let m = &r.media;
+    let s = &r.server;
+    println!(
+        "scenario {} ({} participants, video bitrate x{})",
+        r.scenario.name, r.scenario.participants, r.bitrate_scale
     );
-    std::process::ExitCode::from(2)
+    println!(
+        "joins: {} attempted, {} completed, {} failed; join ms p50 {} p95 {} p99 {}",
+        r.join.attempted,
+        r.join.completed,
+        r.join.failed,
+        f(r.join.join_ms.p50),
+        f(r.join.join_ms.p95),
+        f(r.join.join_ms.p99)
+    );
+    println!(
+        "leaves: {} ({} incomplete); leave -> all rekeyed ms p50 {} p95 {} max {}",
+        r.rekey.leaves,
+        r.rekey.incomplete,
+        f(r.rekey.leave_to_all_rekeyed_ms.p50),
+        f(r.rekey.leave_to_all_rekeyed_ms.p95),
+        f(r.rekey.leave_to_all_rekeyed_ms.max)
+    );
+    println!(
+        "frames: sent {}, received {}, decrypted {}, decrypt failures {} ({} sent before the receiver joined), incomplete video frames {}",
+        m.frames_sent.values().sum::<u64>(),
+        m.frames_received,
+        m.frames_decrypted,
+        m.decrypt_failures,
+        m.decrypt_failures_before_join,
+        m.video_frames_incomplete
+    );
+    println!(
+        "frame latency ms p50 {} p95 {} p99 {}; RTP loss {}% (steady phase {}%)",
+        f(m.latency_ms.p50),
+        f(m.latency_ms.p95),
+        f(m.latency_ms.p99),
+        r.loss_percent
+            .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}")),
+        r.loss_percent_steady
+            .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
+    );
+    println!(
+        "server: CPU {:.1}% (max {:.1}%), RSS max {:.1} MiB, in {:.0} pkt/s {:.2} Mbit/s, out {:.0} pkt/s {:.2} Mbit/s, {:.0} forwarded/s, {} us CPU per forwarded packet",
+        s.cpu_percent_mean,
+        s.cpu_percent_max,
+        s.rss_mib_max,
+        s.packets_in_per_s,
+        s.bits_in_per_s / 1e6,
+        s.packets_out_per_s,
+        s.bits_out_per_s / 1e6,
+        s.forwarded_per_s,
+        f(s.cpu_us_per_forwarded_packet)
+    );
+    println!(
+        "load generator -> SFU {:.0} pkt/s {:.2} Mbit/s, SFU -> load generator {:.0} pkt/s {:.2} Mbit/s",
+        s.loadgen_packets_to_sfu_per_s,
+        s.loadgen_bits_to_sfu_per_s / 1e6,
+        s.loadgen_packets_from_sfu_per_s,
+        s.loadgen_bits_from_sfu_per_s / 1e6
+    );
+    println!(
+        "load generator CPU {:.1}% of a core",
+        s.loadgen_cpu_percent_mean
+    );
+    let mut drops: Vec<String> = r
+        .sfu_drops_by_reason
+        .iter()
+        .filter(|(_, n)| **n > 0.0)
+        .map(|(k, n)| format!("{k} {n:.0}"))
+        .collect();
+    drops.sort();
+    println!(
+        "SFU drops over the run: {}",
+        if drops.is_empty() {
+            "none".to_owned()
+        } else {
+            drops.join(", ")
+        }
+    );
+    println!("results: {}", dir.display());
 }

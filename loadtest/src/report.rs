@@ -1,0 +1,445 @@
+//! The HTML report: the headline numbers and inline SVG charts, one file
+//! with no scripts and nothing fetched.
+
+use std::fmt::Write as _;
+
+use crate::run::RunResult;
+use crate::stats::Summary;
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn num(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
+}
+
+fn summary_row(name: &str, unit: &str, s: &Summary) -> String {
+    format!(
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        esc(name),
+        s.count,
+        num(s.p50, 1),
+        num(s.p95, 1),
+        num(s.p99, 1),
+        num(s.max, 1),
+        esc(unit)
+    )
+}
+
+/// One series of a line chart.
+struct Series<'a> {
+    name: &'a str,
+    color: &'a str,
+    points: Vec<(f64, f64)>,
+}
+
+/// A line chart as inline SVG.
+fn line_chart(title: &str, y_label: &str, series: &[Series<'_>]) -> String {
+    let (w, h) = (720.0, 240.0);
+    let (left, right, top, bottom) = (64.0, 16.0, 28.0, 36.0);
+    let pts = series.iter().flat_map(|s| s.points.iter());
+    let x_max = pts.clone().map(|p| p.0).fold(1.0f64, f64::max);
+    let y_max = pts
+        .map(|p| p.1)
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max);
+    let y_max = if y_max <= 0.0 { 1.0 } else { y_max * 1.1 };
+    let sx = |x: f64| left + x / x_max * (w - left - right);
+    let sy = |y: f64| top + (1.0 - y / y_max) * (h - top - bottom);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="{t}">"#,
+        t = esc(title)
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="{left}" y="16" font-size="13" font-weight="bold">{}</text>"#,
+        esc(title)
+    );
+    for i in 0..=4 {
+        let v = y_max * f64::from(i) / 4.0;
+        let y = sy(v);
+        let _ = write!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" font-size="10" text-anchor="end">{}</text>"##,
+            w - right,
+            left - 4.0,
+            y + 3.0,
+            short(v)
+        );
+    }
+    for i in 0..=5 {
+        let v = x_max * f64::from(i) / 5.0;
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{}" font-size="10" text-anchor="middle">{:.0}s</text>"#,
+            sx(v),
+            h - bottom + 14.0,
+            v
+        );
+    }
+    let _ = write!(
+        svg,
+        r#"<text x="12" y="{:.1}" font-size="10" transform="rotate(-90 12 {:.1})" text-anchor="middle">{}</text>"#,
+        h / 2.0,
+        h / 2.0,
+        esc(y_label)
+    );
+    for (i, s) in series.iter().enumerate() {
+        let path: Vec<String> = s
+            .points
+            .iter()
+            .filter(|p| p.1.is_finite())
+            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+            .collect();
+        if !path.is_empty() {
+            let _ = write!(
+                svg,
+                r#"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{}"/>"#,
+                s.color,
+                path.join(" ")
+            );
+        }
+        let lx = left + 10.0 + 150.0 * i as f64;
+        let _ = write!(
+            svg,
+            r#"<rect x="{lx}" y="{}" width="10" height="3" fill="{}"/><text x="{}" y="{}" font-size="10">{}</text>"#,
+            h - 10.0,
+            s.color,
+            lx + 14.0,
+            h - 6.0,
+            esc(s.name)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn short(v: f64) -> String {
+    if v >= 1e9 {
+        format!("{:.1}G", v / 1e9)
+    } else if v >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else if v >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Renders the report.
+pub fn html(r: &RunResult) -> String {
+    let st = &r.server_timeline;
+    let mt = &r.media.timeline;
+    let pts = |f: &dyn Fn(&crate::run::ServerSecond) -> f64| -> Vec<(f64, f64)> {
+        st.iter().map(|x| (x.t_s, f(x))).collect()
+    };
+    let mpts = |f: &dyn Fn(&crate::media::MediaSecond) -> Option<f64>| -> Vec<(f64, f64)> {
+        mt.iter().filter_map(|x| Some((x.t_s, f(x)?))).collect()
+    };
+    let charts = [
+        line_chart(
+            "CPU (percent of one core)",
+            "%",
+            &[
+                Series {
+                    name: "server (SFU + signaling)",
+                    color: "#c0392b",
+                    points: pts(&|x| x.cpu_percent),
+                },
+                Series {
+                    name: "load generator",
+                    color: "#7f8c8d",
+                    points: pts(&|x| x.loadgen_cpu_percent),
+                },
+            ],
+        ),
+        line_chart(
+            "SFU packets per second",
+            "packets/s",
+            &[
+                Series {
+                    name: "in",
+                    color: "#2980b9",
+                    points: pts(&|x| x.packets_in_per_s),
+                },
+                Series {
+                    name: "out",
+                    color: "#27ae60",
+                    points: pts(&|x| x.packets_out_per_s),
+                },
+            ],
+        ),
+        line_chart(
+            "SFU bits per second",
+            "bit/s",
+            &[
+                Series {
+                    name: "in",
+                    color: "#2980b9",
+                    points: pts(&|x| x.bits_in_per_s),
+                },
+                Series {
+                    name: "out",
+                    color: "#27ae60",
+                    points: pts(&|x| x.bits_out_per_s),
+                },
+            ],
+        ),
+        line_chart(
+            "End-to-end frame latency",
+            "ms",
+            &[
+                Series {
+                    name: "p50",
+                    color: "#8e44ad",
+                    points: mpts(&|x| x.latency_p50_ms),
+                },
+                Series {
+                    name: "p95",
+                    color: "#d35400",
+                    points: mpts(&|x| x.latency_p95_ms),
+                },
+            ],
+        ),
+        line_chart(
+            "Participants",
+            "count",
+            &[
+                Series {
+                    name: "in the MLS group",
+                    color: "#16a085",
+                    points: pts(&|x| f64::from(x.members)),
+                },
+                Series {
+                    name: "media connected",
+                    color: "#2c3e50",
+                    points: mpts(&|x| Some(f64::from(x.connected))),
+                },
+            ],
+        ),
+        line_chart(
+            "Packet loss at receivers and decryption failures",
+            "per second",
+            &[
+                Series {
+                    name: "RTP packets lost",
+                    color: "#e67e22",
+                    points: mpts(&|x| Some(x.rtp_lost as f64)),
+                },
+                Series {
+                    name: "decrypt failures",
+                    color: "#c0392b",
+                    points: mpts(&|x| Some(x.decrypt_failures as f64)),
+                },
+            ],
+        ),
+        line_chart(
+            "RSS of the server",
+            "MiB",
+            &[Series {
+                name: "RSS",
+                color: "#34495e",
+                points: pts(&|x| x.rss_mib),
+            }],
+        ),
+    ];
+
+    let m = &r.media;
+    let srv = &r.server;
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Conclave load test: {name}</title>\
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:800px}}table{{border-collapse:collapse;margin:1em 0}}\
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}svg{{display:block;margin:1em 0}}</style>\
+</head><body><h1>Conclave load test: {name}</h1><p>{desc}</p>",
+        name = esc(&r.scenario.name),
+        desc = esc(&r.scenario.description)
+    );
+    let _ = write!(
+        h,
+        "<p>{} participants, ramp {:.1} s, steady phase measured {:.1}–{:.1} s, video bitrate ×{}, one received frame in {} decrypted. Started at Unix time {}.</p>",
+        r.scenario.participants,
+        r.ramp_s,
+        srv.window_s.0,
+        srv.window_s.1,
+        r.bitrate_scale,
+        m.decrypt_every,
+        r.started_unix
+    );
+    h.push_str("<h2>Latencies</h2><table><tr><th>measure</th><th>n</th><th>p50</th><th>p95</th><th>p99</th><th>max</th><th>unit</th></tr>");
+    for (name, s) in [
+        ("join (connect → group key and media up)", &r.join.join_ms),
+        ("join: MLS group", &r.join.mls_ms),
+        ("join: media connected", &r.join.media_ms),
+        ("join: first frame decrypted", &r.join.first_frame_ms),
+        (
+            "leave → all members rekeyed",
+            &r.rekey.leave_to_all_rekeyed_ms,
+        ),
+        (
+            "leave → all members epoch_ready",
+            &r.rekey.leave_to_all_epoch_ready_ms,
+        ),
+        ("frame latency, all", &m.latency_ms),
+        ("frame latency, audio", &m.latency_audio_ms),
+        ("frame latency, video", &m.latency_video_ms),
+    ] {
+        h.push_str(&summary_row(name, "ms", s));
+    }
+    h.push_str("</table><h2>Counts</h2><table>");
+    let rows: Vec<(&str, String)> = vec![
+        (
+            "joins attempted / completed / failed",
+            format!(
+                "{} / {} / {}",
+                r.join.attempted, r.join.completed, r.join.failed
+            ),
+        ),
+        (
+            "leaves watched (incomplete)",
+            format!("{} ({})", r.rekey.leaves, r.rekey.incomplete),
+        ),
+        (
+            "frames sent",
+            m.frames_sent.values().sum::<u64>().to_string(),
+        ),
+        (
+            "frames received / decrypted",
+            format!("{} / {}", m.frames_received, m.frames_decrypted),
+        ),
+        (
+            "decryption failures (sent before the receiver joined / other unknown key / auth / replay / other)",
+            format!(
+                "{} ({} / {} / {} / {} / {})",
+                m.decrypt_failures,
+                m.decrypt_failures_before_join,
+                m.decrypt_failures_unknown_key,
+                m.decrypt_failures_auth,
+                m.decrypt_failures_replay,
+                m.decrypt_failures_other
+            ),
+        ),
+        (
+            "incomplete video frames",
+            m.video_frames_incomplete.to_string(),
+        ),
+        (
+            "RTP packet loss at receivers",
+            format!(
+                "{} of {} ({}%); steady phase {}%",
+                m.rtp_lost,
+                m.rtp_expected,
+                num(r.loss_percent, 3),
+                num(r.loss_percent_steady, 3)
+            ),
+        ),
+        (
+            "SFU CPU mean / max (% of a core)",
+            format!("{:.1} / {:.1}", srv.cpu_percent_mean, srv.cpu_percent_max),
+        ),
+        ("SFU RSS max (MiB)", format!("{:.1}", srv.rss_mib_max)),
+        (
+            "SFU packets/s in / out (its /metrics)",
+            format!("{:.0} / {:.0}", srv.packets_in_per_s, srv.packets_out_per_s),
+        ),
+        (
+            "SFU Mbit/s in / out (its /metrics)",
+            format!(
+                "{:.2} / {:.2}",
+                srv.bits_in_per_s / 1e6,
+                srv.bits_out_per_s / 1e6
+            ),
+        ),
+        (
+            "sent to / received from the SFU by the load generator, packets/s",
+            format!(
+                "{:.0} / {:.0}",
+                srv.loadgen_packets_to_sfu_per_s, srv.loadgen_packets_from_sfu_per_s
+            ),
+        ),
+        (
+            "sent to / received from the SFU by the load generator, Mbit/s",
+            format!(
+                "{:.2} / {:.2}",
+                srv.loadgen_bits_to_sfu_per_s / 1e6,
+                srv.loadgen_bits_from_sfu_per_s / 1e6
+            ),
+        ),
+        (
+            "RTP packets forwarded/s",
+            format!("{:.0}", srv.forwarded_per_s),
+        ),
+        (
+            "server CPU µs per forwarded packet",
+            num(srv.cpu_us_per_forwarded_packet, 1),
+        ),
+        ("SFU drops in window", format!("{:.0}", srv.drops)),
+        ("SFU drops over the run, by reason", {
+            let mut v: Vec<String> = r
+                .sfu_drops_by_reason
+                .iter()
+                .filter(|(_, n)| **n > 0.0)
+                .map(|(k, n)| format!("{k} {n:.0}"))
+                .collect();
+            v.sort();
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.join(", ")
+            }
+        }),
+        (
+            "load generator CPU mean (% of a core)",
+            format!("{:.1}", srv.loadgen_cpu_percent_mean),
+        ),
+        ("MLS commits sent", r.commits_sent.to_string()),
+    ];
+    for (k, v) in rows {
+        let _ = write!(h, "<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(&v));
+    }
+    h.push_str("</table>");
+    if !r.join.errors.is_empty() {
+        h.push_str("<h2>Join errors</h2><ul>");
+        for e in &r.join.errors {
+            let _ = write!(h, "<li>{}</li>", esc(e));
+        }
+        h.push_str("</ul>");
+    }
+    h.push_str("<h2>Over time</h2>");
+    for c in charts {
+        h.push_str(&c);
+    }
+    h.push_str("<p>Server figures are for the whole server process (embedded SFU and signaling); CPU from /proc/&lt;pid&gt;/stat, packet and byte counters from its /metrics. Raw data: result.json.</p></body></html>\n");
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_scale_and_escape() {
+        let svg = line_chart(
+            "a < b",
+            "ms",
+            &[Series {
+                name: "x",
+                color: "#000",
+                points: vec![(0.0, 1.0), (10.0, 5.0)],
+            }],
+        );
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.contains("a &lt; b"));
+        assert!(svg.contains("<polyline"));
+        assert_eq!(short(2_500_000.0), "2.5M");
+    }
+}

@@ -1,0 +1,679 @@
+//! One run of a scenario: server, accounts, the join ramp, churn, the
+//! steady phase, sampling, and the numbers that come out.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::conclave::{self, JoinRecord, Plan, Recorder, Shared};
+use crate::media::{MediaEvent, MediaHandle, MediaTotals, PeerSpec, VideoSpec};
+use crate::scenario::Scenario;
+use crate::server::{ProcSample, Server, SfuCounters, proc_sample};
+use crate::stats::{Reservoir, Summary};
+
+/// How to run.
+#[derive(Debug)]
+pub struct RunOptions {
+    /// The scenario, already scaled.
+    pub scenario: Scenario,
+    /// Bitrate scale applied (recorded in the result).
+    pub bitrate_scale: f64,
+    /// Decrypt one received frame in this many (1: all).
+    pub decrypt_every: u32,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// One second of server-side samples.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ServerSecond {
+    /// Seconds since the run began.
+    pub t_s: f64,
+    /// SFU process CPU, percent of one core.
+    pub cpu_percent: f64,
+    /// SFU process resident memory, MiB.
+    pub rss_mib: f64,
+    /// Load generator CPU, percent of one core.
+    pub loadgen_cpu_percent: f64,
+    /// Datagrams into the SFU per second.
+    pub packets_in_per_s: f64,
+    /// Datagrams out of the SFU per second.
+    pub packets_out_per_s: f64,
+    /// Bits into the SFU per second.
+    pub bits_in_per_s: f64,
+    /// Bits out of the SFU per second.
+    pub bits_out_per_s: f64,
+    /// RTP packets forwarded per second.
+    pub forwarded_per_s: f64,
+    /// Participants in the MLS group.
+    pub members: u32,
+}
+
+/// Join measurements.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct JoinResult {
+    /// Joins started.
+    pub attempted: u64,
+    /// Joins that got both the group key and a connected media session.
+    pub completed: u64,
+    /// Joins that failed (errors below).
+    pub failed: u64,
+    /// Up to 20 distinct failure messages.
+    pub errors: Vec<String>,
+    /// WebSocket connect → in the MLS group and media connected, ms.
+    pub join_ms: Summary,
+    /// WebSocket connect → in the MLS group (Welcome processed), ms.
+    pub mls_ms: Summary,
+    /// WebSocket connect → media connected (ICE + DTLS), ms.
+    pub media_ms: Summary,
+    /// WebSocket connect → first frame decrypted, ms.
+    pub first_frame_ms: Summary,
+}
+
+/// Leave → rekey measurements.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RekeyResult {
+    /// Leaves watched.
+    pub leaves: u64,
+    /// Leave → the last remaining member processed the commit removing the
+    /// leaver, ms (one value per leave).
+    pub leave_to_all_rekeyed_ms: Summary,
+    /// Leave → the last remaining member received `epoch_ready` for that
+    /// epoch (sending keys switched everywhere), ms.
+    pub leave_to_all_epoch_ready_ms: Summary,
+    /// Leaves for which some member that stayed never reported the new
+    /// epoch within the run.
+    pub incomplete: u64,
+}
+
+/// Server-side aggregate over the steady phase.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ServerResult {
+    /// Process measured.
+    pub pid: u32,
+    /// Window measured (steady phase), seconds since start.
+    pub window_s: (f64, f64),
+    /// Mean CPU, percent of one core.
+    pub cpu_percent_mean: f64,
+    /// Highest one-second CPU.
+    pub cpu_percent_max: f64,
+    /// Largest RSS, MiB.
+    pub rss_mib_max: f64,
+    /// Datagrams in per second.
+    pub packets_in_per_s: f64,
+    /// Datagrams out per second.
+    pub packets_out_per_s: f64,
+    /// Bits in per second.
+    pub bits_in_per_s: f64,
+    /// Bits out per second.
+    pub bits_out_per_s: f64,
+    /// RTP packets forwarded per second.
+    pub forwarded_per_s: f64,
+    /// Process CPU µs per forwarded RTP packet (signaling and MLS delivery
+    /// included: the server is one process).
+    pub cpu_us_per_forwarded_packet: Option<f64>,
+    /// Process CPU µs per datagram sent.
+    pub cpu_us_per_datagram_out: Option<f64>,
+    /// Packets the SFU dropped during the window (all reasons).
+    pub drops: f64,
+    /// Load generator CPU, percent of one core (2 cores on the reference machine).
+    pub loadgen_cpu_percent_mean: f64,
+    /// Datagrams the load generator sent to the SFU per second (all the
+    /// SFU's input: every client is ours). The SFU's own `packets_in`
+    /// counter is above, for comparison.
+    pub loadgen_packets_to_sfu_per_s: f64,
+    /// Bits the load generator sent to the SFU per second.
+    pub loadgen_bits_to_sfu_per_s: f64,
+    /// Datagrams the load generator received from the SFU per second.
+    pub loadgen_packets_from_sfu_per_s: f64,
+    /// Bits the load generator received from the SFU per second.
+    pub loadgen_bits_from_sfu_per_s: f64,
+}
+
+/// Everything a run produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunResult {
+    /// Scenario as run (after scaling).
+    pub scenario: Scenario,
+    /// Video/screen bitrate factor applied.
+    pub bitrate_scale: f64,
+    /// When it started (Unix seconds).
+    pub started_unix: u64,
+    /// Ramp end (all initial joins started), seconds.
+    pub ramp_s: f64,
+    /// Total run time, seconds.
+    pub elapsed_s: f64,
+    /// Joins.
+    pub join: JoinResult,
+    /// Leaves.
+    pub rekey: RekeyResult,
+    /// Packet loss at receivers, percent of RTP packets expected, whole run.
+    pub loss_percent: Option<f64>,
+    /// The same over the steady phase only.
+    pub loss_percent_steady: Option<f64>,
+    /// Media counters and latency.
+    pub media: MediaTotals,
+    /// The server.
+    pub server: ServerResult,
+    /// Per-second server samples.
+    pub server_timeline: Vec<ServerSecond>,
+    /// MLS commits sent by members.
+    pub commits_sent: u64,
+    /// Server errors seen by members, by code (counts).
+    pub server_errors: HashMap<String, u64>,
+    /// Packets the SFU dropped over the whole run, by reason (its /metrics).
+    pub sfu_drops_by_reason: HashMap<String, f64>,
+}
+
+struct Active {
+    participant: u32,
+    leave: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), conclave::ParticipantError>>,
+}
+
+struct Tokens {
+    tokens: Vec<(String, Instant)>,
+}
+
+fn peer_spec(s: &Scenario, participant: u32, slot: u32) -> PeerSpec {
+    let roles = s.roles(slot);
+    let key = |k: f64| Duration::from_secs_f64(k.max(0.5));
+    PeerSpec {
+        participant,
+        audio: roles.audio,
+        speaker: roles.speaker,
+        audio_kbps: s.audio.bitrate_kbps,
+        audio_frame: Duration::from_millis(u64::from(s.audio.frame_ms)),
+        dtx: s.audio.dtx,
+        camera: roles.camera.then(|| VideoSpec {
+            layers_kbps: s.camera.layers_kbps.clone(),
+            fps: s.camera.fps,
+            keyframe_interval: key(s.camera.keyframe_interval_s),
+        }),
+        screen: roles.screen.then(|| VideoSpec {
+            layers_kbps: vec![s.screen.bitrate_kbps],
+            fps: s.screen.fps,
+            keyframe_interval: key(s.screen.keyframe_interval_s),
+        }),
+        audio_slots: s.receive.audio_slots,
+        video_slots: s.receive.video_slots,
+    }
+}
+
+fn ms(a: Option<Instant>, b: Option<Instant>) -> Option<f64> {
+    Some(b?.checked_duration_since(a?)?.as_secs_f64() * 1000.0)
+}
+
+/// Runs the scenario against `server`.
+pub async fn run(server: &mut Server, opts: RunOptions) -> anyhow::Result<RunResult> {
+    let s = opts.scenario.clone();
+    let started_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+
+    // Accounts first: one per role slot (argon2 makes this slow-ish; not measured).
+    let bar = if opts.progress {
+        ProgressBar::new(u64::from(s.participants))
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix("accounts");
+    let mut tokens = Tokens { tokens: Vec::new() };
+    for slot in 0..s.participants {
+        let t = server
+            .user_token(&format!("lt{slot}"))
+            .await
+            .with_context(|| format!("account lt{slot}"))?;
+        tokens.tokens.push((t, Instant::now()));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let origin = Instant::now();
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let media = MediaHandle::start(origin, opts.decrypt_every, ev_tx)?;
+    let recorder = Arc::new(Recorder::default());
+    let shared = Arc::new(Shared {
+        ws_url: server.ws_url(),
+        call_id: format!("lt-{}-{}", s.name, started_unix),
+        media: media.sender(),
+        recorder: recorder.clone(),
+    });
+
+    // Media events into the join records.
+    let rec = recorder.clone();
+    let events = tokio::spawn(async move {
+        while let Some(ev) = ev_rx.recv().await {
+            match ev {
+                MediaEvent::Connected { participant, at } => {
+                    rec.join(participant, |r| r.media = Some(at))
+                }
+                MediaEvent::FirstFrame { participant, at } => {
+                    rec.join(participant, |r| r.first_frame = Some(at))
+                }
+                MediaEvent::Down {
+                    participant,
+                    reason,
+                } => {
+                    tracing::debug!(participant, %reason, "media down");
+                    rec.join(participant, |r| {
+                        if r.left.is_none() && r.error.is_none() {
+                            r.error = Some(format!("media: {reason}"));
+                        }
+                    });
+                }
+            }
+        }
+    });
+
+    // Server sampling, once a second.
+    let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+    let sampler_server = Server::existing(&server.http, server.pid, String::new());
+    let rec = recorder.clone();
+    let sampler = tokio::spawn(async move {
+        let mut rows: Vec<ServerSecond> = Vec::new();
+        let me = std::process::id();
+        let mut last: Option<(Instant, ProcSample, ProcSample, SfuCounters)> = None;
+        let mut totals: Vec<(f64, ProcSample, SfuCounters)> = Vec::new();
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = &mut stop_rx => break,
+            }
+            let now = Instant::now();
+            let (Ok(p), Ok(c)) = (
+                proc_sample(sampler_server.pid),
+                sampler_server.metrics().await,
+            ) else {
+                continue;
+            };
+            let mine = proc_sample(me).unwrap_or_default();
+            let t_s = now.duration_since(origin).as_secs_f64();
+            if let Some((t0, p0, m0, c0)) = &last {
+                let (t0, p0, m0) = (*t0, *p0, *m0);
+                let dt = now.duration_since(t0).as_secs_f64().max(1e-3);
+                rows.push(ServerSecond {
+                    t_s,
+                    cpu_percent: (p.cpu_s - p0.cpu_s) / dt * 100.0,
+                    rss_mib: p.rss_bytes as f64 / 1048576.0,
+                    loadgen_cpu_percent: (mine.cpu_s - m0.cpu_s) / dt * 100.0,
+                    packets_in_per_s: (c.packets_in - c0.packets_in) / dt,
+                    packets_out_per_s: (c.packets_out - c0.packets_out) / dt,
+                    bits_in_per_s: (c.bytes_in - c0.bytes_in) * 8.0 / dt,
+                    bits_out_per_s: (c.bytes_out - c0.bytes_out) * 8.0 / dt,
+                    forwarded_per_s: (c.forwarded - c0.forwarded) / dt,
+                    members: rec
+                        .present
+                        .lock()
+                        .map(|p| p.len() as u32)
+                        .unwrap_or_default(),
+                });
+            }
+            totals.push((t_s, p, c.clone()));
+            last = Some((now, p, mine, c));
+        }
+        (rows, totals)
+    });
+
+    let ramp = Duration::from_secs_f64(f64::from(s.participants) / s.join.rate_per_s);
+    let steady = Duration::from_secs_f64(s.duration_s);
+    let total = ramp + steady;
+    let bar = if opts.progress {
+        ProgressBar::new(total.as_secs().max(1))
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len}s {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(s.name.clone());
+
+    let mut next_participant: u32 = 1;
+    let mut active: HashMap<u32, Active> = HashMap::new();
+    let mut finished: Vec<JoinHandle<Result<(), conclave::ParticipantError>>> = Vec::new();
+    let mut pending_rejoins: Vec<(Instant, u32)> = Vec::new();
+    let mut spawn =
+        |slot: u32, active: &mut HashMap<u32, Active>, tokens: &Tokens| -> anyhow::Result<()> {
+            let participant = next_participant;
+            next_participant += 1;
+            let token = tokens
+                .tokens
+                .get(slot as usize)
+                .map(|(t, _)| t.clone())
+                .unwrap_or_default();
+            recorder
+                .joins
+                .lock()
+                .map_err(|_| anyhow::anyhow!("recorder poisoned"))?
+                .push(JoinRecord {
+                    participant,
+                    slot,
+                    ..JoinRecord::default()
+                });
+            let (leave_tx, leave_rx) = oneshot::channel();
+            let plan = Plan {
+                participant,
+                slot,
+                token,
+                spec: peer_spec(&s, participant, slot),
+                max_layer: s.receive.max_layer,
+            };
+            let task = tokio::spawn(conclave::run(shared.clone(), plan, leave_rx));
+            active.insert(
+                slot,
+                Active {
+                    participant,
+                    leave: leave_tx,
+                    task,
+                },
+            );
+            Ok(())
+        };
+
+    // Ramp.
+    let mut last_draw = Instant::now();
+    let draw = |bar: &ProgressBar, media: &MediaHandle, recorder: &Recorder| {
+        bar.set_position(origin.elapsed().as_secs().min(total.as_secs()));
+        let members = recorder.present.lock().map(|p| p.len()).unwrap_or_default();
+        let last = media
+            .timeline
+            .lock()
+            .ok()
+            .and_then(|t| t.last().cloned())
+            .unwrap_or_default();
+        bar.set_message(format!(
+            "members {members} | connected {} | rx {} frames/s | p95 {} ms | decrypt failures {}",
+            last.connected,
+            last.frames_decrypted,
+            last.latency_p95_ms
+                .map_or("-".into(), |v| format!("{v:.1}")),
+            last.decrypt_failures,
+        ));
+    };
+    for slot in 0..s.participants {
+        let at = origin + Duration::from_secs_f64(f64::from(slot) / s.join.rate_per_s);
+        tokio::time::sleep_until(at.into()).await;
+        spawn(slot, &mut active, &tokens)?;
+        if last_draw.elapsed() > Duration::from_millis(250) {
+            draw(&bar, &media, &recorder);
+            last_draw = Instant::now();
+        }
+    }
+    let ramp_end = Instant::now();
+
+    // Steady phase with churn.
+    let leaves_per_min = s.leaves_per_min();
+    let churn_every =
+        (leaves_per_min > 0.0).then(|| Duration::from_secs_f64(60.0 / leaves_per_min));
+    let mut next_leave = churn_every.map(|d| ramp_end + d);
+    let end = ramp_end + steady;
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        if let Some(at) = next_leave
+            && now >= at
+        {
+            next_leave = churn_every.map(|d| at + d);
+            let mut candidates: Vec<u32> = active
+                .keys()
+                .copied()
+                .filter(|slot| s.roles(*slot).churnable())
+                .collect();
+            candidates.sort_unstable();
+            if let Some(slot) = candidates.choose(&mut rng).copied()
+                && let Some(a) = active.remove(&slot)
+            {
+                tracing::debug!(slot, participant = a.participant, "churn: leaving");
+                let _ = a.leave.send(());
+                finished.push(a.task);
+                pending_rejoins.push((now + Duration::from_secs_f64(s.churn.rejoin_after_s), slot));
+            }
+        }
+        let due: Vec<u32> = pending_rejoins
+            .iter()
+            .filter(|(t, _)| *t <= now)
+            .map(|(_, slot)| *slot)
+            .collect();
+        pending_rejoins.retain(|(t, _)| *t > now);
+        for slot in due {
+            if tokens
+                .tokens
+                .get(slot as usize)
+                .is_some_and(|(_, at)| at.elapsed() > Duration::from_secs(600))
+            {
+                let t = server.user_token(&format!("lt{slot}")).await?;
+                if let Some(entry) = tokens.tokens.get_mut(slot as usize) {
+                    *entry = (t, Instant::now());
+                }
+            }
+            spawn(slot, &mut active, &tokens)?;
+        }
+        draw(&bar, &media, &recorder);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bar.finish_and_clear();
+    let stop_at = Instant::now();
+
+    // Stop measuring, then tear down.
+    let _ = stop_tx.send(());
+    let (server_timeline, proc_totals) = sampler.await.unwrap_or_default();
+    let totals = tokio::task::spawn_blocking(move || media.shutdown())
+        .await
+        .context("media thread")??;
+    for (_, a) in active.drain() {
+        a.task.abort();
+        finished.push(a.task);
+    }
+    for t in finished {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    drop(shared);
+    events.abort();
+
+    // Joins.
+    let joins = recorder.joins.lock().map(|j| j.clone()).unwrap_or_default();
+    let mut join = JoinResult::default();
+    let (mut r_join, mut r_mls, mut r_media, mut r_first) = (
+        Reservoir::new(100_000),
+        Reservoir::new(100_000),
+        Reservoir::new(100_000),
+        Reservoir::new(100_000),
+    );
+    for j in &joins {
+        join.attempted += 1;
+        if let (Some(a), Some(b)) = (j.mls, j.media) {
+            join.completed += 1;
+            if let Some(v) = ms(j.started, Some(a.max(b))) {
+                r_join.add(v);
+            }
+        } else if j.error.is_some() || j.left.is_none() {
+            join.failed += 1;
+        }
+        if let Some(e) = &j.error
+            && join.errors.len() < 20
+            && !join.errors.contains(e)
+        {
+            join.errors.push(e.clone());
+        }
+        if let Some(v) = ms(j.started, j.mls) {
+            r_mls.add(v);
+        }
+        if let Some(v) = ms(j.started, j.media) {
+            r_media.add(v);
+        }
+        if let Some(v) = ms(j.started, j.first_frame) {
+            r_first.add(v);
+        }
+    }
+    join.join_ms = r_join.summary();
+    join.mls_ms = r_mls.summary();
+    join.media_ms = r_media.summary();
+    join.first_frame_ms = r_first.summary();
+
+    // Leaves.
+    let leaves = recorder
+        .leaves
+        .lock()
+        .map(|l| l.clone())
+        .unwrap_or_default();
+    let left_at: HashMap<u32, Instant> = joins
+        .iter()
+        .filter_map(|j| Some((j.participant, j.left?)))
+        .collect();
+    let mut rekey = RekeyResult::default();
+    let (mut r_removed, mut r_ready) = (Reservoir::new(10_000), Reservoir::new(10_000));
+    for w in &leaves {
+        if w.at > stop_at {
+            continue;
+        }
+        rekey.leaves += 1;
+        // Members that stayed until the end of the run must all report.
+        let stayed: Vec<u32> = w
+            .expected
+            .iter()
+            .copied()
+            .filter(|p| left_at.get(p).is_none_or(|t| *t > stop_at))
+            .collect();
+        let all_removed = stayed
+            .iter()
+            .all(|p| w.removed_seen.iter().any(|(q, _, _)| q == p));
+        let all_ready = stayed
+            .iter()
+            .all(|p| w.ready_seen.iter().any(|(q, _)| q == p));
+        if !all_removed || !all_ready {
+            rekey.incomplete += 1;
+        }
+        if all_removed && let Some(last) = w.removed_seen.iter().map(|(_, _, t)| *t).max() {
+            r_removed.add(last.duration_since(w.at).as_secs_f64() * 1000.0);
+        }
+        if all_ready && let Some(last) = w.ready_seen.iter().map(|(_, t)| *t).max() {
+            r_ready.add(last.duration_since(w.at).as_secs_f64() * 1000.0);
+        }
+    }
+    rekey.leave_to_all_rekeyed_ms = r_removed.summary();
+    rekey.leave_to_all_epoch_ready_ms = r_ready.summary();
+
+    // Server over the steady phase.
+    let w0 = ramp_end.duration_since(origin).as_secs_f64();
+    let w1 = stop_at.duration_since(origin).as_secs_f64();
+    let mut srv = ServerResult {
+        pid: server.pid,
+        window_s: (w0, w1),
+        ..ServerResult::default()
+    };
+    let first = proc_totals.iter().find(|(t, _, _)| *t >= w0);
+    let last = proc_totals.iter().rev().find(|(t, _, _)| *t <= w1 + 0.5);
+    if let (Some((t0, p0, c0)), Some((t1, p1, c1))) = (first, last)
+        && t1 > t0
+    {
+        let dt = t1 - t0;
+        let cpu = p1.cpu_s - p0.cpu_s;
+        srv.cpu_percent_mean = cpu / dt * 100.0;
+        srv.packets_in_per_s = (c1.packets_in - c0.packets_in) / dt;
+        srv.packets_out_per_s = (c1.packets_out - c0.packets_out) / dt;
+        srv.bits_in_per_s = (c1.bytes_in - c0.bytes_in) * 8.0 / dt;
+        srv.bits_out_per_s = (c1.bytes_out - c0.bytes_out) * 8.0 / dt;
+        srv.forwarded_per_s = (c1.forwarded - c0.forwarded) / dt;
+        srv.drops = c1.drops - c0.drops;
+        let fwd = c1.forwarded - c0.forwarded;
+        if fwd > 0.0 {
+            srv.cpu_us_per_forwarded_packet = Some(cpu * 1e6 / fwd);
+        }
+        let out = c1.packets_out - c0.packets_out;
+        if out > 0.0 {
+            srv.cpu_us_per_datagram_out = Some(cpu * 1e6 / out);
+        }
+    }
+    let in_window = server_timeline
+        .iter()
+        .filter(|r| r.t_s >= w0 && r.t_s <= w1 + 0.5);
+    for r in in_window.clone() {
+        srv.cpu_percent_max = srv.cpu_percent_max.max(r.cpu_percent);
+    }
+    srv.rss_mib_max = server_timeline
+        .iter()
+        .map(|r| r.rss_mib)
+        .fold(0.0, f64::max);
+    let lg: Vec<f64> = in_window.map(|r| r.loadgen_cpu_percent).collect();
+    if !lg.is_empty() {
+        srv.loadgen_cpu_percent_mean = lg.iter().sum::<f64>() / lg.len() as f64;
+    }
+
+    let seconds: Vec<_> = totals
+        .timeline
+        .iter()
+        .filter(|x| x.t_s > w0 + 0.5 && x.t_s <= w1 + 0.5)
+        .collect();
+    if !seconds.is_empty() {
+        let n = seconds.len() as f64;
+        let sum = |f: &dyn Fn(&crate::media::MediaSecond) -> u64| -> f64 {
+            seconds.iter().map(|x| f(x) as f64).sum::<f64>() / n
+        };
+        srv.loadgen_packets_to_sfu_per_s = sum(&|x| x.packets_sent);
+        srv.loadgen_bits_to_sfu_per_s = sum(&|x| x.bytes_sent) * 8.0;
+        srv.loadgen_packets_from_sfu_per_s = sum(&|x| x.packets_received);
+        srv.loadgen_bits_from_sfu_per_s = sum(&|x| x.bytes_received) * 8.0;
+    }
+    let (exp, lost) = seconds.iter().fold((0u64, 0u64), |(e, l), x| {
+        (e + x.rtp_expected, l + x.rtp_lost)
+    });
+    let loss_percent_steady = (exp > 0).then(|| lost as f64 * 100.0 / exp as f64);
+    let loss_percent = (totals.rtp_expected > 0)
+        .then(|| totals.rtp_lost as f64 * 100.0 / totals.rtp_expected as f64);
+    let mut server_errors: HashMap<String, u64> = HashMap::new();
+    if let Ok(errs) = recorder.errors.lock() {
+        for (code, _) in errs.iter() {
+            *server_errors.entry(format!("{code:?}")).or_default() += 1;
+        }
+    }
+    Ok(RunResult {
+        scenario: s,
+        bitrate_scale: opts.bitrate_scale,
+        started_unix,
+        ramp_s: w0,
+        elapsed_s: w1,
+        join,
+        rekey,
+        loss_percent,
+        loss_percent_steady,
+        media: totals,
+        server: srv,
+        server_timeline,
+        commits_sent: recorder
+            .commits_sent
+            .load(std::sync::atomic::Ordering::Relaxed),
+        server_errors,
+        sfu_drops_by_reason: proc_totals
+            .last()
+            .map(|(_, _, c)| c.drops_by_reason.clone())
+            .unwrap_or_default(),
+    })
+}
+
+/// Writes `result.json` and `report.html` under `dir/<name>-<time>/`.
+pub fn write_results(dir: &std::path::Path, r: &RunResult) -> anyhow::Result<PathBuf> {
+    let out = dir.join(format!("{}-{}", r.scenario.name, r.started_unix));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("result.json"), serde_json::to_string_pretty(r)?)?;
+    std::fs::write(out.join("report.html"), crate::report::html(r))?;
+    Ok(out)
+}

@@ -1,0 +1,389 @@
+//! The server under test: started as a child process on 127.0.0.1 (so
+//! `/proc/<pid>` measures it alone) or given by URL and pid; accounts made
+//! through the admin API; its Prometheus counters and its CPU and memory
+//! sampled.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use serde::Deserialize;
+use serde_json::json;
+
+/// Password of the accounts the load test creates.
+const USER_PASSWORD: &str = "loadtest-password-1";
+/// Admin password of a server the load test starts.
+const ADMIN_PASSWORD: &str = "loadtest-admin-password";
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    /// `http://127.0.0.1:port`.
+    pub http: String,
+    /// Process id (for /proc).
+    pub pid: u32,
+    child: Option<Child>,
+    client: reqwest::Client,
+    admin_token: Option<String>,
+    admin_password: String,
+    data_dir: Option<PathBuf>,
+}
+
+fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    token: String,
+}
+
+/// Where the `conclave` binary is, if not given: next to this executable
+/// (same target directory), else target/release, else target/debug.
+pub fn find_server_binary() -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        candidates.push(dir.join("conclave"));
+        if let Some(up) = dir.parent() {
+            candidates.push(up.join("conclave"));
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    candidates.push(root.join("target/release/conclave"));
+    candidates.push(root.join("target/debug/conclave"));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+impl Server {
+    /// Starts `binary` on free loopback ports with a fresh data directory.
+    pub async fn start(binary: &Path, sfu_workers: Option<usize>) -> anyhow::Result<Self> {
+        let http_port = free_tcp_port()?;
+        let udp_port = free_udp_port()?;
+        let data_dir = std::env::temp_dir().join(format!(
+            "conclave-loadtest-{}-{}",
+            std::process::id(),
+            http_port
+        ));
+        std::fs::create_dir_all(&data_dir)?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--http")
+            .arg(format!("127.0.0.1:{http_port}"))
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--sfu-bind")
+            .arg(format!("127.0.0.1:{udp_port}"))
+            .env("CONCLAVE_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env(
+                "RUST_LOG",
+                std::env::var("CONCLAVE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(data_dir.join("server.log"))
+                    .context("creating the server log")?,
+            ));
+        if let Some(w) = sfu_workers {
+            cmd.arg("--sfu-workers").arg(w.to_string());
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let pid = child.id();
+        let mut server = Self {
+            http: format!("http://127.0.0.1:{http_port}"),
+            pid,
+            child: Some(child),
+            client: reqwest::Client::new(),
+            admin_token: None,
+            admin_password: ADMIN_PASSWORD.to_owned(),
+            data_dir: Some(data_dir),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = server.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "the server exited at start ({status}); log: {}",
+                    server
+                        .log_path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                );
+            }
+            let ok = server
+                .client
+                .get(format!("{}/healthz", server.http))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the server did not answer /healthz within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(server)
+    }
+
+    /// A server that is already running.
+    pub fn existing(http: &str, pid: u32, admin_password: String) -> Self {
+        Self {
+            http: http.trim_end_matches('/').to_owned(),
+            pid,
+            child: None,
+            client: reqwest::Client::new(),
+            admin_token: None,
+            admin_password,
+            data_dir: None,
+        }
+    }
+
+    /// The server's log file, if this process started it.
+    pub fn log_path(&self) -> Option<PathBuf> {
+        self.data_dir.as_ref().map(|d| d.join("server.log"))
+    }
+
+    /// `ws://host:port/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("{}/ws", self.http.replacen("http://", "ws://", 1))
+    }
+
+    async fn login(&self, username: &str, password: &str) -> anyhow::Result<String> {
+        let r = self
+            .client
+            .post(format!("{}/api/login", self.http))
+            .json(&json!({"username": username, "password": password}))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("login as {username}: HTTP {}", r.status());
+        }
+        Ok(r.json::<TokenResponse>().await?.token)
+    }
+
+    /// Creates (or reuses) account `username` and returns a session token.
+    pub async fn user_token(&mut self, username: &str) -> anyhow::Result<String> {
+        if self.admin_token.is_none() {
+            self.admin_token = Some(self.login("admin", &self.admin_password.clone()).await?);
+        }
+        let admin = self.admin_token.clone().unwrap_or_default();
+        let r = self
+            .client
+            .post(format!("{}/admin/users", self.http))
+            .bearer_auth(&admin)
+            .json(&json!({
+                "username": username,
+                "display_name": format!("Load test {username}"),
+                "password": USER_PASSWORD,
+            }))
+            .send()
+            .await?;
+        let status = r.status();
+        // 409: it exists already (a reused server).
+        if !status.is_success() && status.as_u16() != 409 {
+            let body = r.text().await.unwrap_or_default();
+            bail!("creating {username}: HTTP {status}: {body}");
+        }
+        self.login(username, USER_PASSWORD).await
+    }
+
+    /// Reads the server's Prometheus counters.
+    pub async fn metrics(&self) -> anyhow::Result<SfuCounters> {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.http))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(SfuCounters::parse(&text))
+    }
+
+    /// Stops the server if this process started it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The SFU's counters from `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SfuCounters {
+    /// Datagrams received.
+    pub packets_in: f64,
+    /// Bytes received.
+    pub bytes_in: f64,
+    /// Datagrams sent.
+    pub packets_out: f64,
+    /// Bytes sent.
+    pub bytes_out: f64,
+    /// RTP packets forwarded (all kinds).
+    pub forwarded: f64,
+    /// Packets dropped (all reasons).
+    pub drops: f64,
+    /// Open sessions.
+    pub sessions: f64,
+    /// Drops by reason label.
+    pub drops_by_reason: HashMap<String, f64>,
+}
+
+impl SfuCounters {
+    /// Sums the relevant series of a Prometheus text page.
+    pub fn parse(text: &str) -> Self {
+        let mut c = Self::default();
+        let mut drops: HashMap<String, f64> = HashMap::new();
+        for line in text.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(v) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let base = name.split('{').next().unwrap_or(name);
+            match base {
+                "conclave_sfu_packets_in_total" => c.packets_in += v,
+                "conclave_sfu_bytes_in_total" => c.bytes_in += v,
+                "conclave_sfu_packets_out_total" => c.packets_out += v,
+                "conclave_sfu_bytes_out_total" => c.bytes_out += v,
+                "conclave_sfu_forwarded_total" => c.forwarded += v,
+                "conclave_sfu_sessions" => c.sessions += v,
+                "conclave_sfu_drops_total" => {
+                    let reason = name
+                        .split("reason=\"")
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                        .unwrap_or("unknown");
+                    *drops.entry(reason.to_owned()).or_default() += v;
+                }
+                _ => {}
+            }
+        }
+        c.drops = drops.values().sum();
+        c.drops_by_reason = drops;
+        c
+    }
+}
+
+/// CPU time and resident memory of a process.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProcSample {
+    /// CPU time of all its threads, seconds.
+    pub cpu_s: f64,
+    /// Resident set size, bytes.
+    pub rss_bytes: u64,
+}
+
+/// Reads `/proc/<pid>`: CPU from `stat` (utime + stime, in clock ticks of
+/// 1/100 s, the Linux USER_HZ), RSS from `status`.
+pub fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime 15.
+    let tick = |i: usize| -> f64 {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu_s = (tick(11) + tick(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok(ProcSample {
+        cpu_s,
+        rss_bytes: rss_kb * 1024,
+    })
+}
+
+/// The address part of a URL like `http://127.0.0.1:8080`.
+pub fn loopback_only(url: &str) -> anyhow::Result<()> {
+    let host = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let addr: SocketAddr = host
+        .parse()
+        .with_context(|| format!("{url}: give the server as http://127.x.y.z:port"))?;
+    if !addr.ip().is_loopback() {
+        bail!("{url}: the load test only talks to 127.0.0.0/8");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_summed_over_labels() {
+        let page = "# HELP x\nconclave_sfu_packets_in_total 10\n\
+            conclave_sfu_forwarded_total{kind=\"audio\"} 5\n\
+            conclave_sfu_forwarded_total{kind=\"video\"} 7\n\
+            conclave_sfu_drops_total{reason=\"stale_epoch\"} 2\n\
+            conclave_sfu_sessions 3\n";
+        let c = SfuCounters::parse(page);
+        assert_eq!(c.packets_in, 10.0);
+        assert_eq!(c.forwarded, 12.0);
+        assert_eq!(c.drops, 2.0);
+        assert_eq!(c.drops_by_reason.get("stale_epoch"), Some(&2.0));
+        assert_eq!(c.sessions, 3.0);
+    }
+
+    #[test]
+    fn this_process_can_be_sampled() {
+        let s = proc_sample(std::process::id()).unwrap_or_default();
+        assert!(s.rss_bytes > 0);
+    }
+
+    #[test]
+    fn only_loopback_servers() {
+        assert!(loopback_only("http://127.0.0.1:8080").is_ok());
+        assert!(loopback_only("http://10.0.0.1:8080").is_err());
+    }
+}
