@@ -31,6 +31,10 @@ pub type SessionId = u64;
 pub struct CallConfig {
     /// How long membership changes are collected before one commit.
     pub batch_window: Duration,
+    /// The window when the batch holds only removals (leaves, removals by
+    /// an administrator): short, because a removed member keeps the keys
+    /// until the commit. Joins in the batch extend it to `batch_window`.
+    pub removal_window: Duration,
     /// How long a committer has before another member is asked.
     pub commit_timeout: Duration,
     /// How long to wait for every member's ack before `epoch_ready`.
@@ -43,6 +47,7 @@ impl Default for CallConfig {
     fn default() -> Self {
         Self {
             batch_window: Duration::from_millis(200),
+            removal_window: Duration::from_millis(20),
             commit_timeout: Duration::from_secs(5),
             ack_timeout: Duration::from_secs(2),
             create_timeout: Duration::from_secs(10),
@@ -853,8 +858,24 @@ impl Call {
     }
 
     /// When the call next needs [`Call::tick`].
+    /// When the pending batch is due: `batch_window` after its first change,
+    /// or `removal_window` if it only removes members.
+    fn batch_due_at(&self) -> Option<Instant> {
+        let since = self.batch_since?;
+        let joins = self
+            .members
+            .iter()
+            .any(|m| m.leaf.is_none() && m.leaving.is_none());
+        let window = if joins {
+            self.config.batch_window
+        } else {
+            self.config.removal_window.min(self.config.batch_window)
+        };
+        Some(since + window)
+    }
+
     pub fn next_deadline(&self) -> Option<Instant> {
-        let batch = self.batch_since.map(|t| t + self.config.batch_window);
+        let batch = self.batch_due_at();
         let phase = match &self.phase {
             Phase::Creating { deadline, .. } | Phase::Committing { deadline, .. } => {
                 Some(*deadline)
@@ -885,9 +906,7 @@ impl Call {
                 msgs.extend(self.redesignate(now));
             }
             Phase::Idle => {
-                let due = self
-                    .batch_since
-                    .is_some_and(|t| now >= t + self.config.batch_window);
+                let due = self.batch_due_at().is_some_and(|t| now >= t);
                 if due {
                     msgs.extend(self.start_commit(now));
                 }

@@ -109,6 +109,34 @@ async fn leaving_rekeys_the_rest() {
     assert!(all_at(&members, epoch + 2, LONG).await);
 }
 
+/// A batch of removals only does not wait for the (long) join window: a
+/// leaver holds the keys until the commit, so the server commits its
+/// removal after the short removal window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_does_not_wait_for_the_join_window() {
+    let join_window = Duration::from_millis(1500);
+    let server = start(CallConfig {
+        batch_window: join_window,
+        ..CallConfig::default()
+    })
+    .await;
+    let mut members = Vec::new();
+    for u in ["b1", "b2", "b3"] {
+        members.push(spawn_member(&server, u, "quick").await);
+    }
+    let epoch = settled(&members, LONG).await;
+    let leaver = members.remove(1);
+    let t0 = Instant::now();
+    leaver.cmd.send(Cmd::Leave).unwrap();
+    assert!(all_at(&members, epoch + 1, LONG).await);
+    let took = t0.elapsed();
+    println!("removal committed and ready after {took:?} (join window {join_window:?})");
+    assert!(
+        took < join_window,
+        "the removal waited for the join window: {took:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_removal_rekeys_and_closes_the_users_sockets() {
     let server = start(config()).await;
