@@ -209,7 +209,8 @@ impl Engine {
             }
             Command::Close(sid) => self.close(sid, DownReason::Closed),
             Command::Epoch { call_id, epoch } => self.epoch(call_id, epoch, now),
-            Command::Datagram { from, data } => self.datagram(now, from, &data),
+            // Counted by the worker whose socket received it.
+            Command::Datagram { from, data } => self.route_datagram(now, from, &data),
             #[cfg(feature = "fault-injection")]
             Command::InjectFault(sid) => {
                 if let Some(s) = self.sessions.get_mut(&sid) {
@@ -369,6 +370,12 @@ impl Engine {
         let m = &self.shared.metrics;
         m.packets_in.inc();
         m.bytes_in.inc_by(data.len() as u64);
+        self.route_datagram(now, from, data);
+    }
+
+    /// Routes a datagram to its session (or to the worker that owns it) and
+    /// processes it.
+    fn route_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         let kind = classify(data);
         if kind == PacketKind::Unknown {
             self.drop("unknown_protocol");
