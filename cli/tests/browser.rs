@@ -344,6 +344,7 @@ async fn browsers_and_a_bot_hold_an_encrypted_call() {
         "bot": format!("{}/bot-dev", ids["bot"].as_str().unwrap()),
         "victim": "carol",
         "fallback": "bob",
+        "sameProfile": ["bob", "carol"],
         "artifacts": artifacts,
         "chromium": CHROMIUM,
     });

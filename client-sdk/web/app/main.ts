@@ -11,7 +11,7 @@ import { CallView } from "./call/view.js";
 import { endedScreen, guestScreen, lobbyScreen, server, signInScreen } from "./screens.js";
 import {
   clearSession,
-  deviceId,
+  claimDeviceId,
   isValidId,
   loadPrefs,
   loadSession,
@@ -68,7 +68,7 @@ function showLobby(session: Session, message: string | null = null, initialCall 
           clearSession();
           showSignIn(callId, "Your sign-in expired. Sign in again to join.");
         } else {
-          joinCall(session, callId, prefs);
+          void joinCall(session, callId, prefs);
         }
       },
       onSignOut: () => {
@@ -97,14 +97,14 @@ function showGuest(callId: string | null, invite: string | null): void {
   );
 }
 
-function joinCall(session: Session, callId: string, prefs: JoinPrefs): void {
+async function joinCall(session: Session, callId: string, prefs: JoinPrefs): Promise<void> {
   clearToasts();
   setUrl(callId);
   const view = new CallView({
     server: server(),
     session,
     callId,
-    deviceId: deviceId(),
+    deviceId: await claimDeviceId(),
     audio: prefs.audio,
     video: prefs.video,
     onEnded: (e, wasLive) => showEnded(session, callId, prefs, e, wasLive),
@@ -125,7 +125,7 @@ function showEnded(session: Session, callId: string, prefs: JoinPrefs, ended: Ca
       wasLive,
       canLobby: !isGuest,
       onRejoin: () => {
-        if (sessionValid(session)) joinCall(session, callId, prefs);
+        if (sessionValid(session)) void joinCall(session, callId, prefs);
         else if (isGuest) showGuest(callId, null);
         else {
           clearSession();
@@ -158,7 +158,7 @@ function boot(): void {
   }
   if (session?.kind === "guest") {
     // A guest reloading the page: straight back into their call.
-    if (session.call && (!callId || callId === session.call)) joinCall(session, session.call, loadPrefs());
+    if (session.call && (!callId || callId === session.call)) void joinCall(session, session.call, loadPrefs());
     else showGuest(callId, null);
     return;
   }
@@ -170,7 +170,7 @@ function boot(): void {
     return;
   }
   if (session) {
-    if (callId) joinCall(session, callId, loadPrefs());
+    if (callId) void joinCall(session, callId, loadPrefs());
     else showLobby(session);
   } else {
     showSignIn(callId);

@@ -98,6 +98,64 @@ export function clearSession(): void {
   }
 }
 
+const DEVICE_POOL_KEY = "conclave.devices";
+
+function newDeviceId(): string {
+  const alphabet = "abcdefghijkmnpqrstuvwxyz23456789";
+  const bytes = crypto.getRandomValues(new Uint8Array(10));
+  let id = "web-";
+  for (const b of bytes) id += alphabet[b % alphabet.length];
+  return id;
+}
+
+/** Takes the Web Lock named for `id` if no other tab holds it, and keeps it until this tab closes. */
+function tryClaim(id: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    navigator.locks
+      .request(`conclave.device.${id}`, { ifAvailable: true }, (lock) => {
+        resolve(lock !== null);
+        // Held for the life of the tab.
+        return lock ? new Promise<void>(() => {}) : undefined;
+      })
+      .catch(() => resolve(false));
+  });
+}
+
+let claimed: Promise<string> | null = null;
+
+/**
+ * This tab's device id. Each open tab is its own device (the server admits a
+ * device to a call once), so tabs share a pool of ids kept in localStorage
+ * and each claims a free one with a Web Lock: one tab always gets the same
+ * id (and so the same identity key and safety numbers), a second tab open at
+ * the same time gets the next one. Without Web Locks, one id per browser.
+ */
+export function claimDeviceId(): Promise<string> {
+  claimed ??= (async () => {
+    if (!("locks" in navigator)) return deviceId();
+    let pool: string[] = [];
+    try {
+      const parsed: unknown = JSON.parse(localStorage.getItem(DEVICE_POOL_KEY) ?? "[]");
+      if (Array.isArray(parsed)) pool = parsed.filter((x): x is string => typeof x === "string" && isValidId(x));
+    } catch {
+      pool = [];
+    }
+    const legacy = localStorage.getItem(DEVICE_KEY);
+    if (legacy && isValidId(legacy) && !pool.includes(legacy)) pool.unshift(legacy);
+    for (const id of pool) if (await tryClaim(id)) return id;
+    const id = newDeviceId();
+    pool.push(id);
+    try {
+      localStorage.setItem(DEVICE_POOL_KEY, JSON.stringify(pool.slice(-16)));
+    } catch {
+      // not persisted: a new device id next time
+    }
+    await tryClaim(id);
+    return id;
+  })();
+  return claimed;
+}
+
 /** This browser's device id: generated once, then kept in localStorage. */
 export function deviceId(): string {
   try {

@@ -8,6 +8,7 @@
 //   {server, call, browsers: [names], passwords: {name: pw, admin: pw},
 //    ids: {name: user id}, bot: "<user id>/<device>", victim: name,
 //    fallback: name (its page has no RTCRtpScriptTransform),
+//    sameProfile: [names] (tabs of one browser profile),
 //    artifacts: dir, chromium: path}
 // stdout: one JSON object per line; the last is {"event":"passed",...} or
 // {"event":"failed","error":...} (exit status 1).
@@ -82,8 +83,14 @@ async function advancing(page, ms = 1500) {
   return { moving: out, stats: b.stats };
 }
 
+let sharedContext = null;
+
 async function join(browser, name) {
-  const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  // The names in cfg.sameProfile are two tabs of one browser profile (shared
+  // localStorage): each tab must still be its own device in the call.
+  const shared = (cfg.sameProfile ?? []).includes(name);
+  if (shared) sharedContext ??= await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const ctx = shared ? sharedContext : await browser.newContext({ viewport: { width: 1280, height: 800 } });
   const page = await ctx.newPage();
   page.on("pageerror", (e) => log({ event: "pageerror", who: name, error: String(e) }));
   page.on("console", (m) => {
