@@ -502,7 +502,16 @@ export class CallClient {
     };
     const mic = pc.addTransceiver(this.local?.getAudioTracks()[0] ?? "audio", { direction: "sendonly" });
     this.protect(mic.sender, { role: "send", codec: "opus", context: Number(stream.AUDIO) });
-    const cam = pc.addTransceiver(this.mutedNow.video ? "video" : this.cameraTrack ?? "video", { direction: "sendonly" });
+    // The camera goes out as three simulcast layers (rids q, h, f, lowest
+    // first): the SFU gives each viewer the layer its bandwidth allows.
+    const cam = pc.addTransceiver(this.mutedNow.video ? "video" : this.cameraTrack ?? "video", {
+      direction: "sendonly",
+      sendEncodings: [
+        { rid: "q", scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+        { rid: "h", scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+        { rid: "f", maxBitrate: 1_200_000 },
+      ],
+    });
     vp8Only(cam);
     this.protect(cam.sender, { role: "send", codec: "vp8", context: Number(stream.CAMERA) });
     const screen = pc.addTransceiver(this.screenTrack ?? "video", { direction: "sendonly" });

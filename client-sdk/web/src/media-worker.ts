@@ -54,6 +54,13 @@ export type FromWorker =
 
 interface EncodedFrame {
   data: ArrayBuffer;
+  getMetadata?(): { rid?: string };
+}
+
+/** Camera simulcast layers have their own KID contexts (kid.ts): q → 1, h → 3, f → 4. */
+function cameraContext(frame: EncodedFrame): number {
+  const rid = frame.getMetadata?.().rid;
+  return rid === "h" ? 3 : rid === "f" ? 4 : 1;
 }
 
 interface WorkerScope {
@@ -100,7 +107,8 @@ function pipe(options: StreamOptions, readable: ReadableStream, writable: Writab
   const transform =
     options.role === "send"
       ? async (frame: EncodedFrame, out: TransformStreamDefaultController<EncodedFrame>) => {
-          const enc = await encryptorFor(options.context);
+          const context = options.context === 1 && options.codec === "vp8" ? cameraContext(frame) : options.context;
+          const enc = await encryptorFor(context);
           if (!enc || sendEpoch === null) {
             counts.unsentNoKey++;
             return;

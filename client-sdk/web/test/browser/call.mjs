@@ -177,16 +177,32 @@ async function main() {
 
     // 2. Once the epoch has settled: no decryption failures while media flows.
     const before = {};
+    const widths = {};
     for (const name of names) before[name] = (await look(people[name].page)).stats;
     await sleep(5000);
     for (const name of names) {
-      const after = (await look(people[name].page)).stats;
+      const seen = await look(people[name].page);
+      const after = seen.stats;
+      widths[name] = seen.tiles.filter((t) => !t.self && t.source === "camera").map((t) => t.width);
       const failures = after.decryptFailures - before[name].decryptFailures;
       const decrypted = after.framesDecrypted - before[name].framesDecrypted;
-      log({ event: "settled", who: name, epoch: after.epoch, decrypted_5s: decrypted, failures_5s: failures, total_failures: after.decryptFailures });
+      log({ event: "settled", who: name, camera_widths: widths[name], epoch: after.epoch, decrypted_5s: decrypted, failures_5s: failures, total_failures: after.decryptFailures });
       if (failures !== 0) throw new Error(`${name}: ${failures} decryption failures in 5 s after the epoch settled`);
       if (decrypted < 100) throw new Error(`${name}: only ${decrypted} frames decrypted in 5 s`);
     }
+
+    // Browsers send three simulcast layers (160, 320, 640 wide); viewers start
+    // on the lowest and climb as the SFU's bandwidth estimate grows.
+    const browserCams = await Promise.all(
+      names.map((n) =>
+        until(`${n} receives a browser camera above the lowest layer`, 20_000, async () => {
+          const t = (await look(people[n].page)).tiles.filter((x) => !x.self && x.source === "camera" && x.member !== cfg.bot);
+          const best = Math.max(0, ...t.map((x) => x.width));
+          return best > 160 ? best : null;
+        }),
+      ),
+    );
+    log({ event: "simulcast_climbed", widest_browser_camera: Object.fromEntries(names.map((n, i) => [n, browserCams[i]])) });
 
     // 3. A screen share from the first browser reaches the others.
     const sharer = names[0];
