@@ -160,11 +160,11 @@ pub enum SfuEvent {
         /// The new dominant speaker's participant id.
         participant: String,
     },
-    /// Publishers were asked for key frames after an epoch change.
+    /// Publishers were asked for key frames (`request_key_frames`).
     KeyFrameRequested {
         /// The call.
         call_id: String,
-        /// The new epoch.
+        /// The call's epoch then.
         epoch: u64,
     },
 }
@@ -212,6 +212,9 @@ pub trait SfuControl: Send + Sync {
     /// Closes a session.
     fn close_session(&self, session: SessionId);
     /// The call's MLS group moved to `epoch`: the E2EE guard accepts the
-    /// current and previous epoch, and publishers are asked for key frames.
+    /// current and previous epoch.
     fn epoch_changed(&self, call_id: &str, epoch: u64);
+    /// Asks every video publisher of the call for a key frame (when members
+    /// who joined in a new epoch can decode only from one under its keys).
+    fn request_key_frames(&self, call_id: &str);
 }

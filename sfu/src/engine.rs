@@ -209,6 +209,7 @@ impl Engine {
             }
             Command::Close(sid) => self.close(sid, DownReason::Closed),
             Command::Epoch { call_id, epoch } => self.epoch(call_id, epoch, now),
+            Command::KeyFrames(call_id) => self.key_frames(call_id, now),
             // Counted by the worker whose socket received it.
             Command::Datagram { from, data } => self.route_datagram(now, from, &data),
             #[cfg(feature = "fault-injection")]
@@ -342,7 +343,6 @@ impl Engine {
 
     fn epoch(&mut self, call_id: String, epoch: u64, now: Instant) {
         let c = self.call_for(&call_id);
-        let mut publishers = Vec::new();
         if let Some(call) = self.calls.get_mut(&c) {
             match call.live.as_mut() {
                 Some(live) => live.advance(epoch),
@@ -350,11 +350,18 @@ impl Engine {
             }
             call.epoch = Some(epoch);
             call.last_activity = now;
-            publishers = call.sessions.clone();
         }
         self.ensure_tick(c, now + CALL_TICK);
-        // New keys: every video publisher sends a key frame under them.
-        for p in publishers {
+    }
+
+    /// Every video publisher of the call sends a key frame.
+    fn key_frames(&mut self, call_id: String, now: Instant) {
+        let c = self.call_for(&call_id);
+        let Some(call) = self.calls.get(&c) else {
+            return;
+        };
+        let epoch = call.epoch.unwrap_or_default();
+        for p in call.sessions.clone() {
             for source in [Source::Camera, Source::Screen] {
                 self.key_requests.push((p, source, None));
             }

@@ -270,4 +270,11 @@ impl SfuControl for Sfu {
             },
         );
     }
+
+    fn request_key_frames(&self, call_id: &str) {
+        self.shared.send(
+            self.worker_of_call(call_id),
+            Command::KeyFrames(call_id.to_owned()),
+        );
+    }
 }

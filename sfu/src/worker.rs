@@ -39,6 +39,8 @@ pub(crate) enum Command {
     },
     Quality(SessionId, QualityPrefs),
     Close(SessionId),
+    /// Ask the call's video publishers for key frames.
+    KeyFrames(String),
     Epoch {
         call_id: String,
         epoch: u64,

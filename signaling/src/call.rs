@@ -106,7 +106,15 @@ pub struct Outbound {
 /// What a call tells its driver besides messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CallEvent {
-    /// The group moved to a new epoch (the SFU requests key frames).
+    /// Every member holds `epoch` (`epoch_ready` went out); `added`: the
+    /// epoch brought in new members, who need key frames under its keys.
+    EpochReady {
+        /// The epoch.
+        epoch: u64,
+        /// Whether it added members.
+        added: bool,
+    },
+    /// The group moved to a new epoch.
     EpochChanged {
         /// The new epoch.
         epoch: u64,
@@ -189,6 +197,8 @@ enum Phase {
 
 struct AckWait {
     epoch: u64,
+    /// The epoch added members: once it is ready, publishers send key frames.
+    added: bool,
     waiting: HashSet<SessionId>,
     deadline: Instant,
 }
@@ -782,13 +792,16 @@ impl Call {
         self.phase = Phase::Idle;
         self.acks = Some(AckWait {
             epoch: new_epoch,
+            added: !added.is_empty(),
             waiting: self.in_group().map(|m| m.session).collect(),
             deadline: now + self.config.ack_timeout,
         });
         let roster = self.roster();
         msgs.extend(self.to_all(&roster));
         // More changes may already be waiting.
-        msgs.extend(self.tick(now).0);
+        let (m, e) = self.tick(now);
+        msgs.extend(m);
+        events.extend(e);
         Ok((msgs, events))
     }
 
@@ -802,22 +815,30 @@ impl Call {
             _ => false,
         };
         if done {
-            return Ok((self.epoch_ready(), Vec::new()));
+            return Ok(self.epoch_ready());
         }
         Ok((Vec::new(), Vec::new()))
     }
 
-    fn epoch_ready(&mut self) -> Vec<Outbound> {
+    fn epoch_ready(&mut self) -> (Vec<Outbound>, Vec<CallEvent>) {
         let Some(w) = self.acks.take() else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
         let msg = ServerMessage::EpochReady {
             call_id: self.call_id.clone(),
             epoch: w.epoch,
         };
-        self.in_group()
+        let msgs = self
+            .in_group()
             .map(|m| out(m.session, msg.clone()))
-            .collect()
+            .collect();
+        (
+            msgs,
+            vec![CallEvent::EpochReady {
+                epoch: w.epoch,
+                added: w.added,
+            }],
+        )
     }
 
     /// Mute state changes.
@@ -892,7 +913,9 @@ impl Call {
         let mut msgs = Vec::new();
         let mut events = Vec::new();
         if self.acks.as_ref().is_some_and(|a| now >= a.deadline) {
-            msgs.extend(self.epoch_ready());
+            let (m, e) = self.epoch_ready();
+            msgs.extend(m);
+            events.extend(e);
         }
         match self.phase.clone() {
             Phase::Creating { creator, deadline } if now >= deadline => {

@@ -575,6 +575,23 @@ impl Hub {
                     self.sfu.epoch_changed(call.id(), epoch);
                     self.audit(call.id(), "rekeyed", None, None, Some(epoch));
                 }
+                CallEvent::EpochReady { added, .. } => {
+                    if added {
+                        // Senders switch keys on epoch_ready; a publisher may
+                        // still be reading that message when the SFU's
+                        // request arrives, so ask again a moment later: the
+                        // new members need a key frame under the new keys.
+                        self.sfu.request_key_frames(call.id());
+                        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                            let sfu = self.sfu.clone();
+                            let id = call.id().to_owned();
+                            rt.spawn(async move {
+                                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                                sfu.request_key_frames(&id);
+                            });
+                        }
+                    }
+                }
                 CallEvent::SessionLeft(s) => {
                     self.forget_call(s, call.id());
                     self.close_media(s, call.id());
