@@ -92,7 +92,7 @@ const PLI_INTERVAL: Duration = Duration::from_millis(500);
 /// How long [`MediaConnection::close`] waits for the connection to stop.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The interceptor position of [`KeyFrameRequests`]: near the application.
-const KEY_FRAME_TAP_SLOT: usize = 20_000;
+pub const KEY_FRAME_TAP_SLOT: usize = 20_000;
 
 /// How to connect.
 #[derive(Clone, Debug)]
@@ -436,15 +436,37 @@ async fn read_track(shared: Arc<Shared>, track: Arc<dyn TrackRemote>) {
     }
 }
 
-/// An interceptor that turns the SFU's key-frame requests (PLI, FIR) into
-/// "send a key frame next". The chain's end drops inbound RTCP otherwise.
-struct KeyFrameRequests {
-    link: Arc<MediaLink>,
+/// An `rtc` interceptor that turns the SFU's key-frame requests (PLI, FIR)
+/// into a call of `on_request` ("send a key frame next"). The chain's end
+/// drops inbound RTCP otherwise. Used by [`MediaConnection`] and by the load
+/// generator's sans-IO peers.
+pub struct KeyFrameRequests<F> {
+    on_request: F,
     reads: VecDeque<TaggedPacket>,
     writes: VecDeque<TaggedPacket>,
 }
 
-impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyFrameRequests {
+impl<F> std::fmt::Debug for KeyFrameRequests<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyFrameRequests")
+            .field("reads", &self.reads.len())
+            .field("writes", &self.writes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: Fn()> KeyFrameRequests<F> {
+    /// Calls `on_request` for every inbound RTCP compound holding a PLI or FIR.
+    pub fn new(on_request: F) -> Self {
+        Self {
+            on_request,
+            reads: VecDeque::new(),
+            writes: VecDeque::new(),
+        }
+    }
+}
+
+impl<F: Fn()> Protocol<TaggedPacket, TaggedPacket, ()> for KeyFrameRequests<F> {
     type Rout = TaggedPacket;
     type Wout = TaggedPacket;
     type Eout = ();
@@ -458,7 +480,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyFrameRequests {
                 any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
             })
         {
-            self.link.want_key_frame();
+            (self.on_request)();
         }
         self.reads.push_back(msg);
         Ok(())
@@ -478,7 +500,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyFrameRequests {
     }
 }
 
-impl Interceptor for KeyFrameRequests {
+impl<F: Fn() + Send + Sync> Interceptor for KeyFrameRequests<F> {
     fn bind_local_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
@@ -775,11 +797,10 @@ impl MediaConnection {
         });
         let registry = configure_rtcp_reports(Registry::new()).with(
             rtc::interceptor::Slot::from(KEY_FRAME_TAP_SLOT),
-            KeyFrameRequests {
-                link: link.clone(),
-                reads: VecDeque::new(),
-                writes: VecDeque::new(),
-            },
+            KeyFrameRequests::new({
+                let link = link.clone();
+                move || link.want_key_frame()
+            }),
         );
         // The SFU is ICE-lite and learns our address from our checks, so
         // mDNS names would only hide the host candidate. AES-GCM SRTP first.

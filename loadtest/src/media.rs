@@ -38,9 +38,7 @@ use conclave_client::media::vp8;
 use conclave_protocol::sframe::{Codec, DecryptedFrame, MAX_OVERHEAD, SframeError};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use rtc::interceptor::{
-    Interceptor, Packet, Registry, Slot as ChainSlot, StreamInfo, TaggedPacket,
-};
+use rtc::interceptor::{Registry, Slot as ChainSlot};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::configure_rtcp_reports;
@@ -54,7 +52,6 @@ use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
-use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
@@ -438,55 +435,6 @@ enum Timer {
     Source(u32, usize),
 }
 
-/// Turns the SFU's key-frame requests into "send a key frame next": the
-/// chain's end drops inbound RTCP otherwise.
-struct KeyFrameTap {
-    flag: Arc<AtomicBool>,
-    reads: std::collections::VecDeque<TaggedPacket>,
-    writes: std::collections::VecDeque<TaggedPacket>,
-}
-
-impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyFrameTap {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = rtc::shared::error::Error;
-    type Time = Instant;
-
-    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(packets) = &msg.message.packet
-            && packets.iter().any(|p| {
-                let any = p.as_any();
-                any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
-            })
-        {
-            self.flag.store(true, Ordering::Release);
-        }
-        self.reads.push_back(msg);
-        Ok(())
-    }
-
-    fn poll_read(&mut self) -> Option<TaggedPacket> {
-        self.reads.pop_front()
-    }
-
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        self.writes.push_back(msg);
-        Ok(())
-    }
-
-    fn poll_write(&mut self) -> Option<TaggedPacket> {
-        self.writes.pop_front()
-    }
-}
-
-impl Interceptor for KeyFrameTap {
-    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
-}
-
 /// Negotiated values a sender's packets must carry.
 #[derive(Clone, Debug)]
 struct SendParams {
@@ -863,16 +811,14 @@ impl Engine {
         socket.set_nonblocking(true).map_err(rtc_err)?;
         let local = socket.local_addr().map_err(rtc_err)?;
 
-        let mut media = media_engine()?;
+        let media = media_engine()?;
         let registry = configure_rtcp_reports(Registry::new()).with(
-            ChainSlot::from(20_000),
-            KeyFrameTap {
-                flag: key_frame.clone(),
-                reads: Default::default(),
-                writes: Default::default(),
-            },
+            ChainSlot::from(conclave_client::media::KEY_FRAME_TAP_SLOT),
+            conclave_client::media::KeyFrameRequests::new({
+                let flag = key_frame.clone();
+                move || flag.store(true, Ordering::Release)
+            }),
         );
-        let _ = &mut media;
         let settings = SettingEngineBuilder::new()
             .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
             .with_srtp_protection_profiles(vec![
