@@ -81,6 +81,12 @@ const slotSenders = new Map<string, SlotSender>();
 /** Serialises key changes with respect to each other. */
 let keyChain: Promise<void> = Promise.resolve();
 
+/** The bytes of `b` as an ArrayBuffer: its own buffer when it spans all of it (no copy). */
+function ownBuffer(b: Uint8Array): ArrayBuffer {
+  const whole = b.byteOffset === 0 && b.byteLength === b.buffer.byteLength;
+  return (whole ? b.buffer : b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength)) as ArrayBuffer;
+}
+
 function report(e: unknown): void {
   self.postMessage({ type: "error", message: e instanceof Error ? `${e.name}: ${e.message}` : String(e) });
 }
@@ -114,10 +120,7 @@ function pipe(options: StreamOptions, readable: ReadableStream, writable: Writab
             return;
           }
           const protectedFrame = await enc.encrypt(options.codec, new Uint8Array(frame.data));
-          frame.data = protectedFrame.buffer.slice(
-            protectedFrame.byteOffset,
-            protectedFrame.byteOffset + protectedFrame.byteLength,
-          ) as ArrayBuffer;
+          frame.data = ownBuffer(protectedFrame);
           counts.encrypted++;
           out.enqueue(frame);
         }
@@ -134,7 +137,7 @@ function pipe(options: StreamOptions, readable: ReadableStream, writable: Writab
             counts.failures++;
             return;
           }
-          frame.data = d.frame.buffer.slice(d.frame.byteOffset, d.frame.byteOffset + d.frame.byteLength) as ArrayBuffer;
+          frame.data = ownBuffer(d.frame);
           counts.decrypted++;
           const context = Number(d.context);
           const prev = slotSenders.get(options.slot);
