@@ -9,8 +9,8 @@
 //! does (`client-sdk/src/session.rs`), and keeps the timestamps the load
 //! test measures: joined, epoch changes, who saw a leaver disappear.
 //!
-//! Another target (say Janus) would bring its own version of this module:
-//! a task that joins, exchanges SDP with the media thread
+//! The other target, Janus, has its own version of this module
+//! (`janus.rs`): a task that joins, exchanges SDP with the media thread
 //! ([`crate::media::Command`]) and provides a [`FrameCrypto`].
 
 use std::collections::HashSet;
@@ -140,8 +140,12 @@ pub struct JoinRecord {
     pub accepted: Option<Instant>,
     /// In the MLS group (Welcome processed or group created).
     pub mls: Option<Instant>,
-    /// Media connected.
+    /// Media connected (every connection of the participant).
     pub media: Option<Instant>,
+    /// Connections this participant opens (0 is read as 1).
+    pub media_needed: u8,
+    /// Connections connected so far.
+    pub media_up: u8,
     /// First decrypted frame.
     pub first_frame: Option<Instant>,
     /// Left.
@@ -313,6 +317,7 @@ async fn run_inner(
         .media
         .send(Command::Open {
             spec: plan.spec.clone(),
+            remote_offer: None,
             crypto: Arc::new(AgentCrypto {
                 agent: agent.clone(),
                 joined: joined_epoch.clone(),

@@ -4,6 +4,7 @@
 //! report. The binary is `conclave-loadtest`; see `README.md` here.
 
 pub mod conclave;
+pub mod janus;
 pub mod media;
 pub mod payload;
 pub mod report;

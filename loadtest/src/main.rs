@@ -1,11 +1,14 @@
-//! `conclave-loadtest`: runs a scenario against a Conclave server and writes
-//! a JSON result and an HTML report.
+//! `conclave-loadtest`: runs a scenario against a Conclave server, Janus
+//! VideoRoom, or both one after the other, and writes a JSON result and an
+//! HTML report (and, for both, a side-by-side comparison).
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use conclave_loadtest::run::{RunOptions, RunResult, run, write_results};
+use conclave_loadtest::janus::{JanusOptions, JanusServer};
+use conclave_loadtest::run::{RunOptions, RunResult, Target, run, write_comparison, write_results};
 use conclave_loadtest::scenario::Scenario;
 use conclave_loadtest::server::{Server, find_server_binary, loopback_only};
 use tracing_subscriber::EnvFilter;
@@ -63,6 +66,32 @@ struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// What to measure: Conclave, Janus VideoRoom, or both one after the
+    /// other with a side-by-side report.
+    #[arg(long, value_enum, default_value_t = TargetArg::Conclave)]
+    target: TargetArg,
+    /// Against Janus: the address Janus gathers its ICE candidate on and the
+    /// simulated participants bind to. Janus never uses loopback addresses,
+    /// so this must be another address of this machine (loadtest/side-by-side
+    /// makes one in a network namespace). Conclave runs use 127.0.0.1.
+    #[arg(long, default_value = "127.0.0.1")]
+    janus_media_ip: IpAddr,
+    /// The `janus` binary.
+    #[arg(long, default_value = "/usr/bin/janus")]
+    janus_bin: PathBuf,
+    /// Janus's library directory (plugins/, transports/).
+    #[arg(long, default_value = "/usr/lib/x86_64-linux-gnu/janus")]
+    janus_lib: PathBuf,
+    /// Janus `event_loops` (0: Janus's default, one thread per handle).
+    #[arg(long, default_value_t = 0)]
+    janus_event_loops: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TargetArg {
+    Conclave,
+    Janus,
+    Both,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -96,6 +125,47 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     scenario = scenario.with_bitrate_scale(a.scale_bitrate);
     scenario.validate()?;
 
+    let opts = |media_ip: IpAddr| RunOptions {
+        scenario: scenario.clone(),
+        bitrate_scale: a.scale_bitrate,
+        decrypt_every: a.decrypt_every,
+        progress: !a.quiet,
+        media_ip,
+    };
+    let mut results = Vec::new();
+    if a.target != TargetArg::Janus {
+        let r = run_conclave(&a, opts(IpAddr::from([127, 0, 0, 1]))).await?;
+        let dir = write_results(&a.results, &r)?;
+        print_summary(&r, &dir);
+        results.push(r);
+    }
+    if a.target != TargetArg::Conclave {
+        if a.target == TargetArg::Both {
+            // Let the machine settle between the two runs.
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        }
+        let mut janus = JanusServer::start(&JanusOptions {
+            binary: a.janus_bin.clone(),
+            lib_dir: a.janus_lib.clone(),
+            media_ip: a.janus_media_ip,
+            event_loops: a.janus_event_loops,
+        })
+        .await?;
+        let r = run(Target::Janus(&janus), opts(a.janus_media_ip)).await;
+        janus.stop();
+        let r = r.with_context(|| format!("Janus log: {}", janus.log_path().display()))?;
+        let dir = write_results(&a.results, &r)?;
+        print_summary(&r, &dir);
+        results.push(r);
+    }
+    if let [c, j] = results.as_slice() {
+        let dir = write_comparison(&a.results, c, j)?;
+        print_comparison(c, j, &dir);
+    }
+    Ok(())
+}
+
+async fn run_conclave(a: &RunArgs, opts: RunOptions) -> anyhow::Result<RunResult> {
     let mut server = match (&a.server, a.server_pid) {
         (Some(url), Some(pid)) => {
             loopback_only(url)?;
@@ -110,21 +180,20 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
             Server::start(&bin, a.sfu_workers).await?
         }
     };
-    let result = run(
-        &mut server,
-        RunOptions {
-            scenario,
-            bitrate_scale: a.scale_bitrate,
-            decrypt_every: a.decrypt_every,
-            progress: !a.quiet,
-        },
-    )
-    .await;
+    let result = run(Target::Conclave(&mut server), opts).await;
     server.stop();
-    let result = result?;
-    let dir = write_results(&a.results, &result)?;
-    print_summary(&result, &dir);
-    Ok(())
+    result
+}
+
+#[allow(clippy::print_stdout, reason = "the binary's report goes to stdout")]
+fn print_comparison(c: &RunResult, j: &RunResult, dir: &std::path::Path) {
+    for row in conclave_loadtest::report::comparison_rows(c, j) {
+        println!(
+            "{:<48} conclave {:>12}  janus {:>12}  ratio {}",
+            row.name, row.conclave, row.janus, row.ratio
+        );
+    }
+    println!("comparison: {}", dir.display());
 }
 
 #[allow(clippy::print_stdout, reason = "the binary's report goes to stdout")]
@@ -133,8 +202,8 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
     let m = &r.media;
     let s = &r.server;
     println!(
-        "scenario {} ({} participants, video bitrate x{})",
-        r.scenario.name, r.scenario.participants, r.bitrate_scale
+        "{}: scenario {} ({} participants, video bitrate x{})",
+        r.target, r.scenario.name, r.scenario.participants, r.bitrate_scale
     );
     println!(
         "joins: {} attempted, {} completed, {} failed; join ms p50 {} p95 {} p99 {}",
@@ -190,6 +259,12 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
         s.loadgen_bits_to_sfu_per_s / 1e6,
         s.loadgen_packets_from_sfu_per_s,
         s.loadgen_bits_from_sfu_per_s / 1e6
+    );
+    println!(
+        "server CPU per datagram delivered to the load generator {} us; RSS {:.1} MiB before the first join, {} KiB per participant",
+        f(s.cpu_us_per_delivered_datagram),
+        s.rss_mib_baseline,
+        f(s.kib_per_participant)
     );
     println!(
         "load generator CPU {:.1}% of a core",

@@ -26,7 +26,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -144,10 +144,11 @@ pub struct PeerSpec {
     pub video_slots: u32,
 }
 
-/// An SDP offer and which of its mids carry which source.
+/// This side's SDP (an offer, or the answer to a remote offer) and which
+/// of its mids carry which source.
 #[derive(Clone, Debug)]
 pub struct Offer {
-    /// The offer, ICE candidate included (no trickle).
+    /// The local description, ICE candidate included (no trickle).
     pub sdp: String,
     /// `(mid, source)` of each published m-line.
     pub sources: Vec<(String, Source)>,
@@ -155,10 +156,15 @@ pub struct Offer {
 
 /// Requests to the media thread.
 pub enum Command {
-    /// Create a connection and its offer.
+    /// Create a connection and its offer, or, given the target's offer,
+    /// its answer.
     Open {
-        /// What to publish and receive.
+        /// What to publish and receive. With `remote_offer`, the receive
+        /// slots are the offer's m-lines and the slot counts are ignored.
         spec: PeerSpec,
+        /// The target's offer (a target that offers to subscribers, like
+        /// Janus): the connection answers it instead of offering.
+        remote_offer: Option<String>,
         /// Frame protection.
         crypto: Arc<dyn FrameCrypto>,
         /// Set by anyone who wants the next video frame to be a key frame.
@@ -338,10 +344,12 @@ pub enum MediaError {
 }
 
 impl MediaHandle {
-    /// Starts the thread. Times are measured from `origin`.
+    /// Starts the thread. Times are measured from `origin`; connections
+    /// bind their UDP socket to `bind_ip`.
     pub fn start(
         origin: Instant,
         decrypt_every: u32,
+        bind_ip: IpAddr,
         events: mpsc::UnboundedSender<MediaEvent>,
     ) -> Result<Self, MediaError> {
         let sys = |e: nix::Error| MediaError::Sys(e.to_string());
@@ -359,6 +367,7 @@ impl MediaHandle {
             wake: wake.clone(),
             rx,
             events,
+            bind_ip,
             peers: HashMap::new(),
             timers: BinaryHeap::new(),
             origin,
@@ -540,6 +549,7 @@ struct Engine {
     wake: Arc<EventFd>,
     rx: Receiver<Command>,
     events: mpsc::UnboundedSender<MediaEvent>,
+    bind_ip: IpAddr,
     peers: HashMap<u32, Peer>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     origin: Instant,
@@ -628,6 +638,26 @@ fn random_ssrc(taken: &mut Vec<u32>) -> u32 {
             return s;
         }
     }
+}
+
+/// The kind of each m-line of an SDP, by mid.
+fn mid_kinds(sdp: &str) -> HashMap<String, RtpCodecKind> {
+    let mut out = HashMap::new();
+    let mut kind = None;
+    for line in sdp.lines() {
+        if let Some(m) = line.strip_prefix("m=") {
+            kind = match m.split(' ').next() {
+                Some("audio") => Some(RtpCodecKind::Audio),
+                Some("video") => Some(RtpCodecKind::Video),
+                _ => None,
+            };
+        } else if let Some(mid) = line.strip_prefix("a=mid:")
+            && let Some(k) = kind
+        {
+            out.insert(mid.trim().to_owned(), k);
+        }
+    }
+    out
 }
 
 fn ms_until(now: Instant, t: Instant) -> u16 {
@@ -771,12 +801,13 @@ impl Engine {
         match cmd {
             Command::Open {
                 spec,
+                remote_offer,
                 crypto,
                 key_frame,
                 reply,
             } => {
                 let id = spec.participant;
-                let result = self.open(spec, crypto, key_frame);
+                let result = self.open(spec, remote_offer, crypto, key_frame);
                 let _ = reply.send(result);
                 self.service(id, Instant::now());
             }
@@ -803,11 +834,15 @@ impl Engine {
     fn open(
         &mut self,
         spec: PeerSpec,
+        remote_offer: Option<String>,
         crypto: Arc<dyn FrameCrypto>,
         key_frame: Arc<AtomicBool>,
     ) -> Result<Offer, String> {
         let now = Instant::now();
-        let socket = UdpSocket::bind("127.0.0.1:0").map_err(rtc_err)?;
+        if self.peers.contains_key(&spec.participant) {
+            return Err(format!("connection {} exists already", spec.participant));
+        }
+        let socket = UdpSocket::bind(SocketAddr::new(self.bind_ip, 0)).map_err(rtc_err)?;
         socket.set_nonblocking(true).map_err(rtc_err)?;
         let local = socket.local_addr().map_err(rtc_err)?;
 
@@ -964,9 +999,14 @@ impl Engine {
 
         let mut audio_recv = Vec::new();
         let mut video_recv = Vec::new();
+        let (audio_slots, video_slots) = if remote_offer.is_some() {
+            (0, 0)
+        } else {
+            (spec.audio_slots, spec.video_slots)
+        };
         for (kind, count, list) in [
-            (RtpCodecKind::Audio, spec.audio_slots, &mut audio_recv),
-            (RtpCodecKind::Video, spec.video_slots, &mut video_recv),
+            (RtpCodecKind::Audio, audio_slots, &mut audio_recv),
+            (RtpCodecKind::Video, video_slots, &mut video_recv),
         ] {
             for _ in 0..count {
                 let tid = pc
@@ -1001,14 +1041,32 @@ impl Engine {
                 .map_err(rtc_err)?,
         )
         .map_err(rtc_err)?;
-        let offer = pc.create_offer(None).map_err(rtc_err)?;
-        pc.set_local_description(now, offer).map_err(rtc_err)?;
+        let description = match &remote_offer {
+            None => pc.create_offer(None).map_err(rtc_err)?,
+            Some(offer) => {
+                let remote = RTCSessionDescription::offer(offer.clone()).map_err(rtc_err)?;
+                pc.set_remote_description(now, remote).map_err(rtc_err)?;
+                let kinds = mid_kinds(offer);
+                let ids: Vec<RTCRtpTransceiverId> = pc.get_transceivers().collect();
+                for tid in ids {
+                    let mid = pc.rtp_transceiver(tid).and_then(|t| t.mid().clone());
+                    match mid.and_then(|m| kinds.get(&m).copied()) {
+                        Some(RtpCodecKind::Audio) => audio_recv.push(tid),
+                        Some(RtpCodecKind::Video) => video_recv.push(tid),
+                        _ => {}
+                    }
+                }
+                pc.create_answer(None).map_err(rtc_err)?
+            }
+        };
+        pc.set_local_description(now, description)
+            .map_err(rtc_err)?;
         let sdp = pc
             .local_description()
             .map(|d| d.sdp)
             .ok_or("no local description")?;
         if !sdp.contains("a=candidate") {
-            return Err("the offer has no ICE candidate".into());
+            return Err("the local description has no ICE candidate".into());
         }
         let mut mids = Vec::new();
         for s in &mut sources {

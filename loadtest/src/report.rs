@@ -443,3 +443,226 @@ mod tests {
         assert_eq!(short(2_500_000.0), "2.5M");
     }
 }
+
+/// One line of the side-by-side.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ComparisonRow {
+    /// What is compared.
+    pub name: String,
+    /// Conclave's value.
+    pub conclave: String,
+    /// Janus's value.
+    pub janus: String,
+    /// Conclave ÷ Janus, where it means something.
+    pub ratio: String,
+}
+
+/// The side-by-side numbers of a Conclave run and a Janus run of one scenario.
+pub fn comparison_rows(c: &RunResult, j: &RunResult) -> Vec<ComparisonRow> {
+    let row = |name: &str, a: Option<f64>, b: Option<f64>, digits: usize, ratio: bool| {
+        let r = match (a, b) {
+            (Some(a), Some(b)) if ratio && b > 0.0 => format!("{:.2}", a / b),
+            _ => "–".to_owned(),
+        };
+        ComparisonRow {
+            name: name.to_owned(),
+            conclave: num(a, digits),
+            janus: num(b, digits),
+            ratio: r,
+        }
+    };
+    let (cs, js) = (&c.server, &j.server);
+    let (cm, jm) = (&c.media, &j.media);
+    vec![
+        row(
+            "SFU CPU per datagram delivered, µs",
+            cs.cpu_us_per_delivered_datagram,
+            js.cpu_us_per_delivered_datagram,
+            2,
+            true,
+        ),
+        row(
+            "SFU CPU, % of one core (steady phase)",
+            Some(cs.cpu_percent_mean),
+            Some(js.cpu_percent_mean),
+            1,
+            true,
+        ),
+        row(
+            "SFU memory per participant, KiB",
+            cs.kib_per_participant,
+            js.kib_per_participant,
+            0,
+            true,
+        ),
+        row(
+            "SFU RSS, largest, MiB",
+            Some(cs.rss_mib_max),
+            Some(js.rss_mib_max),
+            1,
+            true,
+        ),
+        row(
+            "datagrams delivered to receivers, per s",
+            Some(cs.loadgen_packets_from_sfu_per_s),
+            Some(js.loadgen_packets_from_sfu_per_s),
+            0,
+            true,
+        ),
+        row(
+            "bits delivered to receivers, Mbit/s",
+            Some(cs.loadgen_bits_from_sfu_per_s / 1e6),
+            Some(js.loadgen_bits_from_sfu_per_s / 1e6),
+            2,
+            true,
+        ),
+        row(
+            "RTP loss at receivers, steady phase, %",
+            c.loss_percent_steady,
+            j.loss_percent_steady,
+            3,
+            false,
+        ),
+        row(
+            "RTP loss at receivers, whole run, %",
+            c.loss_percent,
+            j.loss_percent,
+            3,
+            false,
+        ),
+        row(
+            "frame latency p50, ms",
+            cm.latency_ms.p50,
+            jm.latency_ms.p50,
+            1,
+            false,
+        ),
+        row(
+            "frame latency p95, ms",
+            cm.latency_ms.p95,
+            jm.latency_ms.p95,
+            1,
+            false,
+        ),
+        row(
+            "frame latency p99, ms",
+            cm.latency_ms.p99,
+            jm.latency_ms.p99,
+            1,
+            false,
+        ),
+        row(
+            "join p50, ms (Conclave: with MLS)",
+            c.join.join_ms.p50,
+            j.join.join_ms.p50,
+            0,
+            false,
+        ),
+        row(
+            "join p95, ms (Conclave: with MLS)",
+            c.join.join_ms.p95,
+            j.join.join_ms.p95,
+            0,
+            false,
+        ),
+        row(
+            "joins completed / attempted",
+            Some(c.join.completed as f64 / c.join.attempted.max(1) as f64),
+            Some(j.join.completed as f64 / j.join.attempted.max(1) as f64),
+            3,
+            false,
+        ),
+        row(
+            "frames decrypted",
+            Some(cm.frames_decrypted as f64),
+            Some(jm.frames_decrypted as f64),
+            0,
+            false,
+        ),
+        row(
+            "decryption failures",
+            Some(cm.decrypt_failures as f64),
+            Some(jm.decrypt_failures as f64),
+            0,
+            false,
+        ),
+    ]
+}
+
+/// The side-by-side page.
+pub fn comparison_html(c: &RunResult, j: &RunResult) -> String {
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{name}: Conclave and Janus</title>\
+         <style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:60rem}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}}td:first-child,th:first-child{{text-align:left}}</style></head><body>\
+         <h1>{name}: Conclave and Janus VideoRoom, side by side</h1>\
+         <p>{n} participants, video bitrate ×{scale}, steady phase {dur} s, on the same machine one after the other. \
+         Both runs use the same simulated participants, the same media and the same SFrame work; against Janus the \
+         SFrame key is fixed for the run (Janus has no MLS delivery service), and the Conclave process also runs \
+         signaling and MLS delivery. Ratios are Conclave ÷ Janus.</p>\
+         <table><tr><th>measure</th><th>Conclave</th><th>Janus</th><th>ratio</th></tr>",
+        name = esc(&c.scenario.name),
+        n = c.scenario.participants,
+        scale = c.bitrate_scale,
+        dur = c.scenario.duration_s,
+    );
+    for r in comparison_rows(c, j) {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&r.name),
+            esc(&r.conclave),
+            esc(&r.janus),
+            esc(&r.ratio)
+        );
+    }
+    let cpu = |r: &RunResult| -> Vec<(f64, f64)> {
+        r.server_timeline
+            .iter()
+            .map(|x| (x.t_s, x.cpu_percent))
+            .collect()
+    };
+    let rss = |r: &RunResult| -> Vec<(f64, f64)> {
+        r.server_timeline
+            .iter()
+            .map(|x| (x.t_s, x.rss_mib))
+            .collect()
+    };
+    out.push_str("</table>");
+    out.push_str(&line_chart(
+        "SFU CPU",
+        "% of one core",
+        &[
+            Series {
+                name: "Conclave",
+                color: "#1f77b4",
+                points: cpu(c),
+            },
+            Series {
+                name: "Janus",
+                color: "#d62728",
+                points: cpu(j),
+            },
+        ],
+    ));
+    out.push_str(&line_chart(
+        "SFU memory",
+        "RSS MiB",
+        &[
+            Series {
+                name: "Conclave",
+                color: "#1f77b4",
+                points: rss(c),
+            },
+            Series {
+                name: "Janus",
+                color: "#d62728",
+                points: rss(j),
+            },
+        ],
+    ));
+    out.push_str("</body></html>\n");
+    out
+}

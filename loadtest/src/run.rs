@@ -2,6 +2,7 @@
 //! steady phase, sampling, and the numbers that come out.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::conclave::{self, JoinRecord, Plan, Recorder, Shared};
+use crate::janus::{self, JanusServer, SUBSCRIBER_BIT};
 use crate::media::{MediaEvent, MediaHandle, MediaTotals, PeerSpec, VideoSpec};
 use crate::scenario::Scenario;
 use crate::server::{ProcSample, Server, SfuCounters, proc_sample};
@@ -31,6 +33,38 @@ pub struct RunOptions {
     pub decrypt_every: u32,
     /// Show a progress bar.
     pub progress: bool,
+    /// Address the participants' UDP sockets bind to.
+    pub media_ip: IpAddr,
+}
+
+/// The server a run measures.
+#[derive(Debug)]
+pub enum Target<'a> {
+    /// Conclave: signaling, MLS delivery and the SFU in one process.
+    Conclave(&'a mut Server),
+    /// Janus VideoRoom, started by the load test.
+    Janus(&'a JanusServer),
+}
+
+impl Target<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Conclave(_) => "conclave",
+            Target::Janus(_) => "janus",
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        match self {
+            Target::Conclave(s) => s.pid,
+            Target::Janus(j) => j.pid,
+        }
+    }
+}
+
+enum Participants {
+    Conclave(Arc<Shared>),
+    Janus(Arc<janus::Shared>),
 }
 
 /// One second of server-side samples.
@@ -108,6 +142,10 @@ pub struct ServerResult {
     pub cpu_percent_max: f64,
     /// Largest RSS, MiB.
     pub rss_mib_max: f64,
+    /// RSS before the first join, MiB.
+    pub rss_mib_baseline: f64,
+    /// (largest RSS − RSS before the first join) / participants, KiB.
+    pub kib_per_participant: Option<f64>,
     /// Datagrams in per second.
     pub packets_in_per_s: f64,
     /// Datagrams out per second.
@@ -123,6 +161,10 @@ pub struct ServerResult {
     pub cpu_us_per_forwarded_packet: Option<f64>,
     /// Process CPU µs per datagram sent.
     pub cpu_us_per_datagram_out: Option<f64>,
+    /// Process CPU µs per datagram the load generator received from the
+    /// server: measured the same way for every target, so the ratio
+    /// between targets compares like with like.
+    pub cpu_us_per_delivered_datagram: Option<f64>,
     /// Packets the SFU dropped during the window (all reasons).
     pub drops: f64,
     /// Load generator CPU, percent of one core (2 cores on the reference machine).
@@ -142,6 +184,8 @@ pub struct ServerResult {
 /// Everything a run produced.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunResult {
+    /// `conclave` or `janus`.
+    pub target: String,
     /// Scenario as run (after scaling).
     pub scenario: Scenario,
     /// Video/screen bitrate factor applied.
@@ -213,8 +257,8 @@ fn ms(a: Option<Instant>, b: Option<Instant>) -> Option<f64> {
     Some(b?.checked_duration_since(a?)?.as_secs_f64() * 1000.0)
 }
 
-/// Runs the scenario against `server`.
-pub async fn run(server: &mut Server, opts: RunOptions) -> anyhow::Result<RunResult> {
+/// Runs the scenario against `target`.
+pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<RunResult> {
     let s = opts.scenario.clone();
     let started_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -233,42 +277,63 @@ pub async fn run(server: &mut Server, opts: RunOptions) -> anyhow::Result<RunRes
     );
     bar.set_prefix("accounts");
     let mut tokens = Tokens { tokens: Vec::new() };
-    for slot in 0..s.participants {
-        let t = server
-            .user_token(&format!("lt{slot}"))
-            .await
-            .with_context(|| format!("account lt{slot}"))?;
-        tokens.tokens.push((t, Instant::now()));
-        bar.inc(1);
+    if let Target::Conclave(server) = &mut target {
+        for slot in 0..s.participants {
+            let t = server
+                .user_token(&format!("lt{slot}"))
+                .await
+                .with_context(|| format!("account lt{slot}"))?;
+            tokens.tokens.push((t, Instant::now()));
+            bar.inc(1);
+        }
     }
     bar.finish_and_clear();
 
+    let target_pid = target.pid();
+    let baseline = proc_sample(target_pid).unwrap_or_default();
     let origin = Instant::now();
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let media = MediaHandle::start(origin, opts.decrypt_every, ev_tx)?;
+    let media = MediaHandle::start(origin, opts.decrypt_every, opts.media_ip, ev_tx)?;
     let recorder = Arc::new(Recorder::default());
-    let shared = Arc::new(Shared {
-        ws_url: server.ws_url(),
-        call_id: format!("lt-{}-{}", s.name, started_unix),
-        media: media.sender(),
-        recorder: recorder.clone(),
-    });
+    let participants = match &target {
+        Target::Conclave(server) => Participants::Conclave(Arc::new(Shared {
+            ws_url: server.ws_url(),
+            call_id: format!("lt-{}-{}", s.name, started_unix),
+            media: media.sender(),
+            recorder: recorder.clone(),
+        })),
+        Target::Janus(j) => Participants::Janus(Arc::new(janus::Shared {
+            ws_url: j.ws_url.clone(),
+            scenario: s.clone(),
+            base_key: janus::run_key(),
+            media: media.sender(),
+            recorder: recorder.clone(),
+            feeds: Default::default(),
+        })),
+    };
 
-    // Media events into the join records.
+    // Media events into the join records (a Janus participant's subscriber
+    // connection is its id with SUBSCRIBER_BIT set).
     let rec = recorder.clone();
     let events = tokio::spawn(async move {
         while let Some(ev) = ev_rx.recv().await {
             match ev {
                 MediaEvent::Connected { participant, at } => {
-                    rec.join(participant, |r| r.media = Some(at))
+                    rec.join(participant & !SUBSCRIBER_BIT, |r| {
+                        r.media_up = r.media_up.saturating_add(1);
+                        if r.media_up >= r.media_needed.max(1) {
+                            r.media = Some(at);
+                        }
+                    })
                 }
                 MediaEvent::FirstFrame { participant, at } => {
-                    rec.join(participant, |r| r.first_frame = Some(at))
+                    rec.join(participant & !SUBSCRIBER_BIT, |r| r.first_frame = Some(at))
                 }
                 MediaEvent::Down {
                     participant,
                     reason,
                 } => {
+                    let participant = participant & !SUBSCRIBER_BIT;
                     tracing::debug!(participant, %reason, "media down");
                     rec.join(participant, |r| {
                         if r.left.is_none() && r.error.is_none() {
@@ -282,7 +347,10 @@ pub async fn run(server: &mut Server, opts: RunOptions) -> anyhow::Result<RunRes
 
     // Server sampling, once a second.
     let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
-    let sampler_server = Server::existing(&server.http, server.pid, String::new());
+    let sampler_server = match &target {
+        Target::Conclave(server) => Some(Server::existing(&server.http, server.pid, String::new())),
+        Target::Janus(_) => None,
+    };
     let rec = recorder.clone();
     let sampler = tokio::spawn(async move {
         let mut rows: Vec<ServerSecond> = Vec::new();
@@ -296,10 +364,12 @@ pub async fn run(server: &mut Server, opts: RunOptions) -> anyhow::Result<RunRes
                 _ = &mut stop_rx => break,
             }
             let now = Instant::now();
-            let (Ok(p), Ok(c)) = (
-                proc_sample(sampler_server.pid),
-                sampler_server.metrics().await,
-            ) else {
+            // Janus has no /metrics: its traffic is read at the load generator.
+            let counters = match &sampler_server {
+                Some(server) => server.metrics().await,
+                None => Ok(SfuCounters::default()),
+            };
+            let (Ok(p), Ok(c)) = (proc_sample(target_pid), counters) else {
                 continue;
             };
             let mine = proc_sample(me).unwrap_or_default();
@@ -348,43 +418,50 @@ pub async fn run(server: &mut Server, opts: RunOptions) -> anyhow::Result<RunRes
     let mut active: HashMap<u32, Active> = HashMap::new();
     let mut finished: Vec<JoinHandle<Result<(), conclave::ParticipantError>>> = Vec::new();
     let mut pending_rejoins: Vec<(Instant, u32)> = Vec::new();
-    let mut spawn =
-        |slot: u32, active: &mut HashMap<u32, Active>, tokens: &Tokens| -> anyhow::Result<()> {
-            let participant = next_participant;
-            next_participant += 1;
-            let token = tokens
-                .tokens
-                .get(slot as usize)
-                .map(|(t, _)| t.clone())
-                .unwrap_or_default();
-            recorder
-                .joins
-                .lock()
-                .map_err(|_| anyhow::anyhow!("recorder poisoned"))?
-                .push(JoinRecord {
-                    participant,
-                    slot,
-                    ..JoinRecord::default()
-                });
-            let (leave_tx, leave_rx) = oneshot::channel();
-            let plan = Plan {
+    let mut spawn = |slot: u32,
+                     active: &mut HashMap<u32, Active>,
+                     tokens: &Tokens|
+     -> anyhow::Result<()> {
+        let participant = next_participant;
+        next_participant += 1;
+        let token = tokens
+            .tokens
+            .get(slot as usize)
+            .map(|(t, _)| t.clone())
+            .unwrap_or_default();
+        recorder
+            .joins
+            .lock()
+            .map_err(|_| anyhow::anyhow!("recorder poisoned"))?
+            .push(JoinRecord {
                 participant,
                 slot,
-                token,
-                spec: peer_spec(&s, participant, slot),
-                max_layer: s.receive.max_layer,
-            };
-            let task = tokio::spawn(conclave::run(shared.clone(), plan, leave_rx));
-            active.insert(
-                slot,
-                Active {
-                    participant,
-                    leave: leave_tx,
-                    task,
-                },
-            );
-            Ok(())
+                ..JoinRecord::default()
+            });
+        let (leave_tx, leave_rx) = oneshot::channel();
+        let plan = Plan {
+            participant,
+            slot,
+            token,
+            spec: peer_spec(&s, participant, slot),
+            max_layer: s.receive.max_layer,
         };
+        let task = match &participants {
+            Participants::Conclave(shared) => {
+                tokio::spawn(conclave::run(shared.clone(), plan, leave_rx))
+            }
+            Participants::Janus(shared) => tokio::spawn(janus::run(shared.clone(), plan, leave_rx)),
+        };
+        active.insert(
+            slot,
+            Active {
+                participant,
+                leave: leave_tx,
+                task,
+            },
+        );
+        Ok(())
+    };
 
     // Ramp.
     let mut last_draw = Instant::now();
@@ -455,10 +532,11 @@ pub async fn run(server: &mut Server, opts: RunOptions) -> anyhow::Result<RunRes
             .collect();
         pending_rejoins.retain(|(t, _)| *t > now);
         for slot in due {
-            if tokens
-                .tokens
-                .get(slot as usize)
-                .is_some_and(|(_, at)| at.elapsed() > Duration::from_secs(600))
+            if let Target::Conclave(server) = &mut target
+                && tokens
+                    .tokens
+                    .get(slot as usize)
+                    .is_some_and(|(_, at)| at.elapsed() > Duration::from_secs(600))
             {
                 let t = server.user_token(&format!("lt{slot}")).await?;
                 if let Some(entry) = tokens.tokens.get_mut(slot as usize) {
@@ -486,7 +564,7 @@ pub async fn run(server: &mut Server, opts: RunOptions) -> anyhow::Result<RunRes
     for t in finished {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
-    drop(shared);
+    drop(participants);
     events.abort();
 
     // Joins.
@@ -576,8 +654,9 @@ pub async fn run(server: &mut Server, opts: RunOptions) -> anyhow::Result<RunRes
     let w0 = ramp_end.duration_since(origin).as_secs_f64();
     let w1 = stop_at.duration_since(origin).as_secs_f64();
     let mut srv = ServerResult {
-        pid: server.pid,
+        pid: target_pid,
         window_s: (w0, w1),
+        rss_mib_baseline: baseline.rss_bytes as f64 / 1048576.0,
         ..ServerResult::default()
     };
     let first = proc_totals.iter().find(|(t, _, _)| *t >= w0);
@@ -632,6 +711,15 @@ pub async fn run(server: &mut Server, opts: RunOptions) -> anyhow::Result<RunRes
         srv.loadgen_bits_to_sfu_per_s = sum(&|x| x.bytes_sent) * 8.0;
         srv.loadgen_packets_from_sfu_per_s = sum(&|x| x.packets_received);
         srv.loadgen_bits_from_sfu_per_s = sum(&|x| x.bytes_received) * 8.0;
+        if srv.loadgen_packets_from_sfu_per_s > 0.0 {
+            srv.cpu_us_per_delivered_datagram =
+                Some(srv.cpu_percent_mean / 100.0 * 1e6 / srv.loadgen_packets_from_sfu_per_s);
+        }
+    }
+    if s.participants > 0 && srv.rss_mib_max > 0.0 {
+        srv.kib_per_participant = Some(
+            (srv.rss_mib_max - srv.rss_mib_baseline).max(0.0) * 1024.0 / f64::from(s.participants),
+        );
     }
     let (exp, lost) = seconds.iter().fold((0u64, 0u64), |(e, l), x| {
         (e + x.rtp_expected, l + x.rtp_lost)
@@ -646,6 +734,7 @@ pub async fn run(server: &mut Server, opts: RunOptions) -> anyhow::Result<RunRes
         }
     }
     Ok(RunResult {
+        target: target.name().to_owned(),
         scenario: s,
         bitrate_scale: opts.bitrate_scale,
         started_unix,
@@ -675,5 +764,33 @@ pub fn write_results(dir: &std::path::Path, r: &RunResult) -> anyhow::Result<Pat
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("result.json"), serde_json::to_string_pretty(r)?)?;
     std::fs::write(out.join("report.html"), crate::report::html(r))?;
+    Ok(out)
+}
+
+/// Writes `compare.json` and `compare.html` under
+/// `dir/<name>-<time>-side-by-side/`.
+pub fn write_comparison(
+    dir: &std::path::Path,
+    conclave: &RunResult,
+    janus: &RunResult,
+) -> anyhow::Result<PathBuf> {
+    let out = dir.join(format!(
+        "{}-{}-side-by-side",
+        conclave.scenario.name, conclave.started_unix
+    ));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let json = serde_json::json!({
+        "rows": crate::report::comparison_rows(conclave, janus),
+        "conclave": conclave,
+        "janus": janus,
+    });
+    std::fs::write(
+        out.join("compare.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    std::fs::write(
+        out.join("compare.html"),
+        crate::report::comparison_html(conclave, janus),
+    )?;
     Ok(out)
 }

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use conclave_loadtest::run::{RunOptions, run};
+use conclave_loadtest::run::{RunOptions, Target, run};
 use conclave_loadtest::scenario::Scenario;
 use conclave_loadtest::server::{Server, find_server_binary};
 
@@ -37,12 +37,13 @@ async fn clinic_visit_media_is_received_and_decrypted() {
     let result = tokio::time::timeout(
         Duration::from_secs(60),
         run(
-            &mut server,
+            Target::Conclave(&mut server),
             RunOptions {
                 scenario,
                 bitrate_scale: 1.0,
                 decrypt_every: 1,
                 progress: false,
+                media_ip: [127, 0, 0, 1].into(),
             },
         ),
     )
