@@ -211,9 +211,13 @@ pub trait SfuControl: Send + Sync {
     fn set_quality(&self, session: SessionId, prefs: QualityPrefs);
     /// Closes a session.
     fn close_session(&self, session: SessionId);
-    /// The call's MLS group moved to `epoch`: the E2EE guard accepts the
-    /// current and previous epoch.
+    /// A commit moved the call's MLS group to `epoch` (members who join
+    /// in it may send in it at once).
     fn epoch_changed(&self, call_id: &str, epoch: u64);
+    /// Every member holds `epoch` and senders were told to switch to it
+    /// (`epoch_ready`). The E2EE guard forwards frames of every epoch from
+    /// the ready epoch before this one to the newest commit.
+    fn epoch_ready(&self, call_id: &str, epoch: u64);
     /// Asks every video publisher of the call for a key frame (when members
     /// who joined in a new epoch can decode only from one under its keys).
     fn request_key_frames(&self, call_id: &str);

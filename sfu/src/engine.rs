@@ -208,7 +208,8 @@ impl Engine {
                 }
             }
             Command::Close(sid) => self.close(sid, DownReason::Closed),
-            Command::Epoch { call_id, epoch } => self.epoch(call_id, epoch, now),
+            Command::Epoch { call_id, epoch } => self.epoch(call_id, epoch, false, now),
+            Command::EpochReady { call_id, epoch } => self.epoch(call_id, epoch, true, now),
             Command::KeyFrames(call_id) => self.key_frames(call_id, now),
             // Counted by the worker whose socket received it.
             Command::Datagram { from, data } => self.route_datagram(now, from, &data),
@@ -341,14 +342,19 @@ impl Engine {
         })
     }
 
-    fn epoch(&mut self, call_id: String, epoch: u64, now: Instant) {
+    /// The call's group committed `epoch`, or (`ready`) senders were told
+    /// to switch to it.
+    fn epoch(&mut self, call_id: String, epoch: u64, ready: bool, now: Instant) {
         let c = self.call_for(&call_id);
         if let Some(call) = self.calls.get_mut(&c) {
             match call.live.as_mut() {
-                Some(live) => live.advance(epoch),
+                Some(live) if ready => live.ready(epoch),
+                Some(live) => live.committed(epoch),
                 None => call.live = Some(LiveEpochs::new(KidLayout::default(), epoch)),
             }
-            call.epoch = Some(epoch);
+            if !ready || call.epoch.is_none_or(|e| epoch > e) {
+                call.epoch = Some(epoch);
+            }
             call.last_activity = now;
         }
         self.ensure_tick(c, now + CALL_TICK);

@@ -2,8 +2,10 @@
 //!
 //! The SFU never holds a key. For each media frame it reads the codec's clear
 //! prefix and the SFrame header that follows, and forwards the frame only if
-//! the header is well formed and its KID names the call's current or previous
-//! epoch. Anything else — plaintext from a misconfigured client, a truncated
+//! the header is well formed and its KID names an epoch senders may be using:
+//! the epoch senders were last told to switch to (`epoch_ready`), the one
+//! before it (frames still in flight), or one committed since (new members
+//! send in the epoch they joined before it is ready). Anything else — plaintext from a misconfigured client, a truncated
 //! frame, a stale epoch — is dropped and counted by reason, so no client can
 //! leak clear media to the others through the SFU.
 
@@ -18,46 +20,75 @@ pub enum DropReason {
     /// Too short to hold the codec prefix, a header and a tag.
     #[error("truncated frame")]
     Truncated,
-    /// The KID's epoch is neither the current nor the previous one.
+    /// The KID's epoch is not one senders may be using.
     #[error("KID from an epoch that is not live")]
     StaleEpoch,
 }
 
 /// The epochs a call's frames may be protected under.
+///
+/// Senders switch keys at `epoch_ready`, which comes only once every member
+/// holds the epoch; while members join in a stream of commits, the group can
+/// be several epochs past the one senders use. So the live set follows the
+/// ready epochs, not the commits: every epoch from the ready epoch before the
+/// current one (frames in flight) to the newest commit (new members send in
+/// the epoch they joined, before it is ready).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LiveEpochs {
     layout: KidLayout,
-    current: u64,
-    previous: Option<u64>,
+    ready: u64,
+    previous_ready: Option<u64>,
+    committed: u64,
 }
 
 /// The shortest SFrame tag of any suite Conclave accepts on the wire.
 const MIN_TAG_LEN: usize = 4;
 
 impl LiveEpochs {
-    /// Starts at `epoch` with no previous epoch.
+    /// Starts at `epoch`, committed and ready (a new group's epoch 0).
     pub fn new(layout: KidLayout, epoch: u64) -> Self {
         Self {
             layout,
-            current: epoch,
-            previous: None,
+            ready: epoch,
+            previous_ready: None,
+            committed: epoch,
         }
     }
 
-    /// The group moved to `epoch`; the old current epoch becomes the previous one.
-    pub fn advance(&mut self, epoch: u64) {
-        if epoch != self.current {
-            self.previous = Some(self.current);
-            self.current = epoch;
+    /// A commit moved the group to `epoch`. An epoch below the ready one
+    /// means the group was made anew (a restarted server): start over there.
+    pub fn committed(&mut self, epoch: u64) {
+        if epoch < self.ready {
+            *self = Self::new(self.layout, epoch);
+        } else {
+            self.committed = self.committed.max(epoch);
+        }
+    }
+
+    /// Senders were told to switch to `epoch`; the ready epoch before it
+    /// stays live for frames in flight, older ones stop.
+    pub fn ready(&mut self, epoch: u64) {
+        if epoch < self.ready {
+            *self = Self::new(self.layout, epoch);
+        } else if epoch > self.ready {
+            self.previous_ready = Some(self.ready);
+            self.ready = epoch;
+            self.committed = self.committed.max(epoch);
         }
     }
 
     fn allows(&self, kid: u64) -> bool {
-        let low = self.layout.kid_epoch_low(kid);
-        low == self.layout.epoch_low(self.current)
-            || self
-                .previous
-                .is_some_and(|p| low == self.layout.epoch_low(p))
+        // Live: from the ready epoch before the current one (or the current
+        // one) up to the newest commit, compared on the KID's epoch bits.
+        let layout = self.layout;
+        let oldest = self.previous_ready.unwrap_or(self.ready);
+        let span = self.committed - oldest;
+        let modulus = 1u64 << layout.epoch_bits();
+        let past_oldest = layout
+            .kid_epoch_low(kid)
+            .wrapping_sub(layout.epoch_low(oldest))
+            & (modulus - 1);
+        span >= modulus - 1 || past_oldest <= span
     }
 
     /// Checks one whole frame as the SFU sees it (after depacketization).
@@ -92,28 +123,70 @@ mod tests {
         out
     }
 
+    fn opus_ok(live: &LiveEpochs, epoch: u64) -> bool {
+        live.check(Codec::Opus, &protected(epoch, b"opus", Codec::Opus))
+            .is_ok()
+    }
+
     #[test]
-    fn forwards_current_and_previous_epoch_only() {
+    fn forwards_the_ready_epoch_and_the_one_before_it() {
         let mut live = LiveEpochs::new(KidLayout::default(), 4);
         let vp8 = [0x31u8, 0x02, 0x00, 9, 9, 9, 9];
         assert_eq!(
             live.check(Codec::Vp8, &protected(4, &vp8, Codec::Vp8)),
             Ok(())
         );
-        live.advance(5);
+        live.committed(5);
+        live.ready(5);
         assert_eq!(
             live.check(Codec::Vp8, &protected(4, &vp8, Codec::Vp8)),
             Ok(())
         );
-        assert_eq!(
-            live.check(Codec::Opus, &protected(5, b"opus", Codec::Opus)),
-            Ok(())
-        );
-        live.advance(6);
+        assert!(opus_ok(&live, 5));
+        live.committed(6);
+        live.ready(6);
         assert_eq!(
             live.check(Codec::Vp8, &protected(4, &vp8, Codec::Vp8)),
             Err(DropReason::StaleEpoch)
         );
+        assert!(opus_ok(&live, 5) && opus_ok(&live, 6));
+        assert!(!opus_ok(&live, 7), "not committed yet");
+    }
+
+    #[test]
+    fn commits_faster_than_acks_keep_the_senders_epoch_live() {
+        // Joins commit 5, 6 and 7 before anyone is told to leave epoch 4:
+        // senders still use 4, joiners send in the epoch they joined.
+        let mut live = LiveEpochs::new(KidLayout::default(), 4);
+        for e in 5..=7 {
+            live.committed(e);
+        }
+        assert!((4..=7).all(|e| opus_ok(&live, e)));
+        assert!(!opus_ok(&live, 3) && !opus_ok(&live, 8));
+        // 5 and 6 were superseded before they were ready; 7 is.
+        live.ready(7);
+        assert!(opus_ok(&live, 4) && opus_ok(&live, 7));
+        assert!(opus_ok(&live, 5), "between the two ready epochs");
+        live.committed(8);
+        live.ready(8);
+        assert!(!opus_ok(&live, 4) && !opus_ok(&live, 6));
+        assert!(opus_ok(&live, 7) && opus_ok(&live, 8));
+    }
+
+    #[test]
+    fn epoch_bits_wrap() {
+        let mut live = LiveEpochs::new(KidLayout::default(), 254);
+        live.committed(256);
+        assert!(opus_ok(&live, 254) && opus_ok(&live, 255) && opus_ok(&live, 256));
+        assert!(!opus_ok(&live, 257) && !opus_ok(&live, 253));
+    }
+
+    #[test]
+    fn a_group_made_anew_starts_over() {
+        let mut live = LiveEpochs::new(KidLayout::default(), 9);
+        live.committed(0);
+        assert!(opus_ok(&live, 0));
+        assert!(!opus_ok(&live, 9));
     }
 
     #[test]

@@ -271,6 +271,16 @@ impl SfuControl for Sfu {
         );
     }
 
+    fn epoch_ready(&self, call_id: &str, epoch: u64) {
+        self.shared.send(
+            self.worker_of_call(call_id),
+            Command::EpochReady {
+                call_id: call_id.to_owned(),
+                epoch,
+            },
+        );
+    }
+
     fn request_key_frames(&self, call_id: &str) {
         self.shared.send(
             self.worker_of_call(call_id),

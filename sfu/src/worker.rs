@@ -45,6 +45,10 @@ pub(crate) enum Command {
         call_id: String,
         epoch: u64,
     },
+    EpochReady {
+        call_id: String,
+        epoch: u64,
+    },
     /// Tests: make the session's next processing panic.
     #[cfg(feature = "fault-injection")]
     InjectFault(SessionId),

@@ -339,19 +339,33 @@ async fn plaintext_stale_epochs_and_unauthorised_sources_are_dropped() {
     assert!(sub.recv(Duration::from_millis(500)).await.is_none());
     assert!(dropped(&h.metrics, "no_publish_right") >= 1);
 
-    // After an epoch change, the previous epoch stays live; two back does not.
+    // Commits alone keep the epoch senders use live (they switch only at
+    // epoch_ready) ...
     h.sfu.epoch_changed(CALL, EPOCH + 1);
+    h.sfu.epoch_changed(CALL, EPOCH + 2);
     h.sfu.set_publish_rights(pub_id, PublishRights::ALL);
     tokio::time::sleep(Duration::from_millis(100)).await;
     publisher
         .send_audio(&good.opus(11), Some(20))
         .await
         .expect("audio");
-    assert!(sub.recv(WAIT).await.is_some(), "previous epoch still live");
-    h.sfu.epoch_changed(CALL, EPOCH + 2);
+    assert!(sub.recv(WAIT).await.is_some(), "not ready yet: still live");
+    // ... once an epoch is ready, the ready epoch before it stays live ...
+    h.sfu.epoch_ready(CALL, EPOCH + 1);
     tokio::time::sleep(Duration::from_millis(100)).await;
     publisher
         .send_audio(&good.opus(12), Some(20))
+        .await
+        .expect("audio");
+    assert!(
+        sub.recv(WAIT).await.is_some(),
+        "previous ready epoch still live"
+    );
+    // ... and two ready epochs later it is not.
+    h.sfu.epoch_ready(CALL, EPOCH + 2);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publisher
+        .send_audio(&good.opus(13), Some(20))
         .await
         .expect("audio");
     assert!(sub.recv(Duration::from_millis(500)).await.is_none());

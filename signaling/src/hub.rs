@@ -575,7 +575,8 @@ impl Hub {
                     self.sfu.epoch_changed(call.id(), epoch);
                     self.audit(call.id(), "rekeyed", None, None, Some(epoch));
                 }
-                CallEvent::EpochReady { added, .. } => {
+                CallEvent::EpochReady { epoch, added } => {
+                    self.sfu.epoch_ready(call.id(), epoch);
                     if added {
                         // Senders switch keys on epoch_ready; a publisher may
                         // still be reading that message when the SFU's

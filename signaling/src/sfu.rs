@@ -25,6 +25,7 @@ impl SfuControl for NoSfu {
     fn set_quality(&self, _session: MediaSessionId, _prefs: QualityPrefs) {}
     fn close_session(&self, _session: MediaSessionId) {}
     fn epoch_changed(&self, _call_id: &str, _epoch: u64) {}
+    fn epoch_ready(&self, _call_id: &str, _epoch: u64) {}
     fn request_key_frames(&self, _call_id: &str) {}
 }
 
