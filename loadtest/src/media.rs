@@ -1159,7 +1159,7 @@ impl Engine {
                 message: data,
             });
             if let Err(e) = r {
-                tracing::trace!(peer = id, error = %e, "datagram refused");
+                tracing::debug!(peer = id, error = %e, "datagram refused");
             }
             self.service(id, now);
         }
@@ -1217,7 +1217,19 @@ impl Engine {
                 let Some(slot) = p.slots.get_mut(&ssrc) else {
                     continue;
                 };
+                let before = slot.highest;
                 slot.on_seq(packet.header.sequence_number);
+                if let (Some(b), Some(h)) = (before, slot.highest)
+                    && h > b + 1
+                {
+                    tracing::debug!(
+                        peer = id,
+                        ssrc,
+                        video = slot.video,
+                        gap = h - b - 1,
+                        "sequence gap"
+                    );
+                }
                 let h = &packet.header;
                 let frame = if slot.video {
                     let pushed =
