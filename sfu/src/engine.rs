@@ -951,12 +951,37 @@ impl Engine {
                 None
             };
             let max_layer = sub.prefs.max_layer;
+            // Who should be seen and heard, in order; then slots keep whom
+            // they carry if still chosen (a tile does not jump between
+            // slots when speakers trade places), and free slots take the
+            // rest in order.
+            let audio_slots = sub.slots.iter().filter(|s| !s.video).count();
+            let mut chosen_audio: Vec<(SessionId, Source)> =
+                audio_pick.by_ref().take(audio_slots).collect();
+            let mut chosen_video: Vec<(SessionId, Source)> =
+                video_pick.by_ref().take(video_slots as usize).collect();
+            let mut kept: Vec<Option<(SessionId, Source)>> = sub
+                .slots
+                .iter()
+                .map(|slot| {
+                    let chosen = if slot.video {
+                        &mut chosen_video
+                    } else {
+                        &mut chosen_audio
+                    };
+                    let current = slot.assigned?;
+                    let at = chosen.iter().position(|c| *c == current)?;
+                    Some(chosen.remove(at))
+                })
+                .collect();
+            let mut chosen_audio = chosen_audio.into_iter();
+            let mut chosen_video = chosen_video.into_iter();
             let mut plan = Vec::with_capacity(sub.slots.len());
-            for slot in &sub.slots {
-                let assigned = if slot.video {
-                    video_pick.next()
-                } else {
-                    audio_pick.next()
+            for (slot, keep) in sub.slots.iter().zip(kept.iter_mut()) {
+                let assigned = match keep.take() {
+                    Some(a) => Some(a),
+                    None if slot.video => chosen_video.next(),
+                    None => chosen_audio.next(),
                 };
                 let target = match assigned {
                     Some((p, src)) if slot.video => {
@@ -990,6 +1015,9 @@ impl Engine {
                 if slot.assigned != assigned {
                     slot.assigned = assigned;
                     slot.layer = None;
+                    // Whatever comes next follows the last packet sent, even
+                    // if it is the publisher this slot carried before.
+                    slot.rewriter.rebase();
                     if let (Some((p, src)), true) = (assigned, slot.video) {
                         self.key_requests.push((p, src, Some(target)));
                     }

@@ -133,6 +133,13 @@ impl Rewriter {
         out
     }
 
+    /// The next packet starts a new input even if it comes from the source
+    /// fed before (a slot that stopped carrying a publisher, skipped its
+    /// packets, and carries it again): it follows the last packet sent.
+    pub fn rebase(&mut self) {
+        self.source = None;
+    }
+
     /// Input packet `seq` of `source` is not forwarded (padding, say). If it
     /// directly follows the last packet sent, later packets move down by one,
     /// so the receiver sees no gap it would take for loss. Anything else is
@@ -382,6 +389,18 @@ mod tests {
         rw.skip(2, 106);
         rw.skip(1, 110);
         assert_eq!(rw.rewrite(1, 106, 0, 90_000, t0).seq, 104);
+    }
+
+    #[test]
+    fn a_rebased_rewriter_hides_what_it_skipped_of_the_same_source() {
+        let t0 = Instant::now();
+        let mut rw = Rewriter::default();
+        assert_eq!(rw.rewrite(1, 500, 0, 90_000, t0).seq, 500);
+        // The slot stops carrying source 1 (packets 501..=540 not sent), then
+        // carries it again from a key frame: no gap for the receiver.
+        rw.rebase();
+        assert_eq!(rw.rewrite(1, 541, 0, 90_000, t0).seq, 501);
+        assert_eq!(rw.rewrite(1, 542, 0, 90_000, t0).seq, 502);
     }
 
     #[test]
