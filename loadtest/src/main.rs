@@ -232,14 +232,24 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
         m.video_frames_incomplete
     );
     println!(
-        "frame latency ms p50 {} p95 {} p99 {}; RTP loss {}% (steady phase {}%)",
+        "frame latency ms p50 {} p95 {} p99 {} (steady phase p50 {} p95 {} p99 {}); RTP loss {}% (steady phase {}%)",
         f(m.latency_ms.p50),
         f(m.latency_ms.p95),
         f(m.latency_ms.p99),
+        f(m.latency_steady_ms.p50),
+        f(m.latency_steady_ms.p95),
+        f(m.latency_steady_ms.p99),
         r.loss_percent
             .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}")),
         r.loss_percent_steady
             .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
+    );
+    println!(
+        "datagrams the kernel dropped at full receive buffers (SFU and load generator): {} (steady phase {})",
+        r.kernel_udp_drops
+            .map_or_else(|| "-".to_owned(), |v| v.to_string()),
+        r.kernel_udp_drops_steady
+            .map_or_else(|| "-".to_owned(), |v| v.to_string())
     );
     println!(
         "server: CPU {:.1}% (max {:.1}%), RSS max {:.1} MiB, in {:.0} pkt/s {:.2} Mbit/s, out {:.0} pkt/s {:.2} Mbit/s, {:.0} forwarded/s, {} us CPU per forwarded packet",

@@ -179,6 +179,8 @@ pub enum Command {
         /// SDP answer.
         sdp: String,
     },
+    /// The steady phase begins: latency is also collected apart from now.
+    Steady,
     /// Close and forget a connection.
     Close {
         /// Participant.
@@ -194,6 +196,7 @@ impl std::fmt::Debug for Command {
             Command::Open { spec, .. } => write!(f, "Open({})", spec.participant),
             Command::Answer { participant, .. } => write!(f, "Answer({participant})"),
             Command::Close { participant } => write!(f, "Close({participant})"),
+            Command::Steady => write!(f, "Steady"),
             Command::Shutdown => write!(f, "Shutdown"),
         }
     }
@@ -314,6 +317,8 @@ pub struct MediaTotals {
     /// End-to-end frame latency, ms (send time inside the ciphertext to
     /// decryption at the receiver), all sources.
     pub latency_ms: Summary,
+    /// The same from [`Command::Steady`] on (the steady phase).
+    pub latency_steady_ms: Summary,
     /// Audio only.
     pub latency_audio_ms: Summary,
     /// Camera and screen only.
@@ -378,6 +383,7 @@ impl MediaHandle {
             },
             last_tick: MediaTotals::default(),
             lat_all: Reservoir::new(SAMPLE_CAP),
+            lat_steady: None,
             lat_audio: Reservoir::new(SAMPLE_CAP),
             lat_video: Reservoir::new(SAMPLE_CAP),
             lat_second: Reservoir::new(20_000),
@@ -557,6 +563,7 @@ struct Engine {
     totals: MediaTotals,
     last_tick: MediaTotals,
     lat_all: Reservoir,
+    lat_steady: Option<Reservoir>,
     lat_audio: Reservoir,
     lat_video: Reservoir,
     lat_second: Reservoir,
@@ -719,6 +726,11 @@ impl Engine {
         }
         self.tick(Instant::now());
         self.totals.latency_ms = self.lat_all.summary();
+        self.totals.latency_steady_ms = self
+            .lat_steady
+            .as_ref()
+            .map(Reservoir::summary)
+            .unwrap_or_default();
         self.totals.latency_audio_ms = self.lat_audio.summary();
         self.totals.latency_video_ms = self.lat_video.summary();
         self.totals.timeline = self.timeline.lock().map(|t| t.clone()).unwrap_or_default();
@@ -827,6 +839,7 @@ impl Engine {
                 self.service(participant, now);
             }
             Command::Close { participant } => self.close_peer(participant, true),
+            Command::Steady => self.lat_steady = Some(Reservoir::new(SAMPLE_CAP)),
             Command::Shutdown => {}
         }
     }
@@ -1277,6 +1290,9 @@ impl Engine {
                         let now_us = now.saturating_duration_since(self.origin).as_micros() as u64;
                         let ms = now_us.saturating_sub(info.sent_us) as f64 / 1000.0;
                         self.lat_all.add(ms);
+                        if let Some(r) = self.lat_steady.as_mut() {
+                            r.add(ms);
+                        }
                         self.lat_second.add(ms);
                         if info.source == Source::Audio {
                             self.lat_audio.add(ms);

@@ -290,6 +290,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
             &r.rekey.leave_to_all_epoch_ready_ms,
         ),
         ("frame latency, all", &m.latency_ms),
+        ("frame latency, steady phase", &m.latency_steady_ms),
         ("frame latency, audio", &m.latency_audio_ms),
         ("frame latency, video", &m.latency_video_ms),
     ] {
@@ -340,6 +341,16 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
                 m.rtp_expected,
                 num(r.loss_percent, 3),
                 num(r.loss_percent_steady, 3)
+            ),
+        ),
+        (
+            "datagrams dropped by the kernel at full receive buffers (SFU and load generator)",
+            format!(
+                "{}; steady phase {}",
+                r.kernel_udp_drops
+                    .map_or_else(|| "–".to_owned(), |v| v.to_string()),
+                r.kernel_udp_drops_steady
+                    .map_or_else(|| "–".to_owned(), |v| v.to_string())
             ),
         ),
         (
@@ -531,21 +542,49 @@ pub fn comparison_rows(c: &RunResult, j: &RunResult) -> Vec<ComparisonRow> {
             false,
         ),
         row(
-            "frame latency p50, ms",
+            "datagrams the kernel dropped (full receive buffers)",
+            c.kernel_udp_drops.map(|v| v as f64),
+            j.kernel_udp_drops.map(|v| v as f64),
+            0,
+            false,
+        ),
+        row(
+            "frame latency p50, steady phase, ms",
+            cm.latency_steady_ms.p50,
+            jm.latency_steady_ms.p50,
+            1,
+            false,
+        ),
+        row(
+            "frame latency p95, steady phase, ms",
+            cm.latency_steady_ms.p95,
+            jm.latency_steady_ms.p95,
+            1,
+            false,
+        ),
+        row(
+            "frame latency p99, steady phase, ms",
+            cm.latency_steady_ms.p99,
+            jm.latency_steady_ms.p99,
+            1,
+            false,
+        ),
+        row(
+            "frame latency p50, whole run, ms",
             cm.latency_ms.p50,
             jm.latency_ms.p50,
             1,
             false,
         ),
         row(
-            "frame latency p95, ms",
+            "frame latency p95, whole run, ms",
             cm.latency_ms.p95,
             jm.latency_ms.p95,
             1,
             false,
         ),
         row(
-            "frame latency p99, ms",
+            "frame latency p99, whole run, ms",
             cm.latency_ms.p99,
             jm.latency_ms.p99,
             1,

@@ -19,7 +19,7 @@ use crate::conclave::{self, JoinRecord, Plan, Recorder, Shared};
 use crate::janus::{self, JanusServer, SUBSCRIBER_BIT};
 use crate::media::{MediaEvent, MediaHandle, MediaTotals, PeerSpec, VideoSpec};
 use crate::scenario::Scenario;
-use crate::server::{ProcSample, Server, SfuCounters, proc_sample};
+use crate::server::{ProcSample, Server, SfuCounters, proc_sample, udp_rcvbuf_errors};
 use crate::stats::{Reservoir, Summary};
 
 /// How to run.
@@ -204,6 +204,11 @@ pub struct RunResult {
     pub loss_percent: Option<f64>,
     /// The same over the steady phase only.
     pub loss_percent_steady: Option<f64>,
+    /// Datagrams the kernel dropped at full socket receive buffers on this
+    /// machine (SFU and load generator alike), whole run.
+    pub kernel_udp_drops: Option<u64>,
+    /// The same over the steady phase.
+    pub kernel_udp_drops_steady: Option<u64>,
     /// Media counters and latency.
     pub media: MediaTotals,
     /// The server.
@@ -291,6 +296,7 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
 
     let target_pid = target.pid();
     let baseline = proc_sample(target_pid).unwrap_or_default();
+    let udp_drops_at_start = udp_rcvbuf_errors();
     let origin = Instant::now();
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let media = MediaHandle::start(origin, opts.decrypt_every, opts.media_ip, ev_tx)?;
@@ -493,6 +499,8 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
         }
     }
     let ramp_end = Instant::now();
+    media.send(crate::media::Command::Steady)?;
+    let udp_drops_at_ramp_end = udp_rcvbuf_errors();
 
     // Steady phase with churn.
     let leaves_per_min = s.leaves_per_min();
@@ -550,6 +558,7 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
     }
     bar.finish_and_clear();
     let stop_at = Instant::now();
+    let udp_drops_at_stop = udp_rcvbuf_errors();
 
     // Stop measuring, then tear down.
     let _ = stop_tx.send(());
@@ -744,6 +753,12 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
         rekey,
         loss_percent,
         loss_percent_steady,
+        kernel_udp_drops: udp_drops_at_stop
+            .zip(udp_drops_at_start)
+            .map(|(b, a)| b.saturating_sub(a)),
+        kernel_udp_drops_steady: udp_drops_at_stop
+            .zip(udp_drops_at_ramp_end)
+            .map(|(b, a)| b.saturating_sub(a)),
         media: totals,
         server: srv,
         server_timeline,

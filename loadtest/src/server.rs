@@ -340,6 +340,19 @@ pub fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
     })
 }
 
+/// UDP datagrams this network namespace's kernel dropped because a
+/// socket's receive buffer was full (`RcvbufErrors` in `/proc/net/snmp`):
+/// loss that happened on this machine, at the SFU's socket or at one of the
+/// load generator's, rather than in the SFU's forwarding.
+pub fn udp_rcvbuf_errors() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let names: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let values: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let i = names.iter().position(|n| *n == "RcvbufErrors")?;
+    values.get(i)?.parse().ok()
+}
+
 /// The address part of a URL like `http://127.0.0.1:8080`.
 pub fn loopback_only(url: &str) -> anyhow::Result<()> {
     let host = url
@@ -379,6 +392,11 @@ mod tests {
     fn this_process_can_be_sampled() {
         let s = proc_sample(std::process::id()).unwrap_or_default();
         assert!(s.rss_bytes > 0);
+    }
+
+    #[test]
+    fn kernel_udp_drops_can_be_read() {
+        assert!(udp_rcvbuf_errors().is_some());
     }
 
     #[test]
