@@ -444,6 +444,96 @@ async fn audio_slots_follow_the_loudest_speakers() {
     h.sfu.shutdown();
 }
 
+/// Sends one round of frames at `levels`; returns `(frame, speaker)` of each.
+async fn speak(
+    speakers: &mut [(TestPeer, Sender)],
+    levels: [u8; 4],
+    round: u8,
+) -> Vec<(Vec<u8>, usize)> {
+    let mut sent = Vec::new();
+    for (i, ((p, s), level)) in speakers.iter_mut().zip(levels).enumerate() {
+        let frame = s.opus(round);
+        p.send_audio(&frame, Some(level)).await.expect("audio");
+        sent.push((frame, i));
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_keep_their_speaker_when_speakers_trade_places() {
+    let mut config = SfuConfig::loopback();
+    config.workers = 1;
+    let h = start(config);
+    h.sfu.epoch_changed(CALL, EPOCH);
+    let mut speakers = Vec::new();
+    for i in 0..4 {
+        let (p, _) = join(
+            &h,
+            &format!("u:speaker{i}/d"),
+            PeerSpec {
+                publish_audio: true,
+                ..Default::default()
+            },
+        )
+        .await;
+        speakers.push((p, Sender::new(EPOCH, i + 1, 0)));
+    }
+    let (listener, _) = join(
+        &h,
+        "u:listener/d",
+        PeerSpec {
+            recv_audio_slots: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    // Speakers 2 and 3 are the loud ones; which of them is louder flips
+    // every 60 rounds. Both stay chosen, so neither slot should change hands.
+    let mut sent = Vec::new();
+    for round in 0..240u8 {
+        let levels = if (round / 60) % 2 == 0 {
+            [90u8, 80, 10, 20]
+        } else {
+            [90u8, 80, 20, 10]
+        };
+        sent.extend(speak(&mut speakers, levels, round).await);
+    }
+    let got = collect(&listener, 1_000).await;
+    // Once both loud speakers are in slots (the first rounds rank them), each
+    // slot carries one speaker for good and its numbering has no holes.
+    let mut by_slot: std::collections::HashMap<u32, Vec<(usize, u16)>> =
+        std::collections::HashMap::new();
+    for r in &got {
+        let who = sent
+            .iter()
+            .find(|(f, _)| *f == r.payload)
+            .map(|(_, i)| *i)
+            .expect("a frame somebody sent");
+        by_slot
+            .entry(r.ssrc)
+            .or_default()
+            .push((who, r.sequence_number));
+    }
+    assert_eq!(by_slot.len(), 2, "two audio slots");
+    let mut carried = HashSet::new();
+    for (ssrc, packets) in &by_slot {
+        let settled = &packets[packets.len() / 4..];
+        let who: HashSet<usize> = settled.iter().map(|(w, _)| *w).collect();
+        assert_eq!(who.len(), 1, "slot {ssrc} changed hands: {who:?}");
+        carried.extend(who);
+        for pair in settled.windows(2) {
+            assert_eq!(
+                pair[1].1,
+                pair[0].1.wrapping_add(1),
+                "slot {ssrc} skips a sequence number"
+            );
+        }
+    }
+    assert_eq!(carried, HashSet::from([2, 3]), "the two loudest are heard");
+    h.sfu.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulcast_layer_switches_on_key_frames_with_continuous_numbering() {
     let mut config = SfuConfig::loopback();
