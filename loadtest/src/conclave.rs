@@ -67,6 +67,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How many epochs before its own a joiner may see frames from (senders
+/// switch keys only at `epoch_ready`, which can trail a stream of commits).
+const BEFORE_JOIN_EPOCHS: u64 = 16;
+
 /// SFrame keys of one member, from its MLS agent.
 #[derive(Debug)]
 pub struct AgentCrypto {
@@ -104,7 +108,10 @@ impl FrameCrypto for AgentCrypto {
         }
         let layout = KidLayout::default();
         let low = layout.kid_epoch_low(kid);
-        (1..=2).any(|back| joined >= back && layout.epoch_low(joined - back) == low)
+        // Senders stay on the ready epoch while joins commit ahead of it, so
+        // a joiner can see frames from several epochs back.
+        (1..=BEFORE_JOIN_EPOCHS)
+            .any(|back| joined >= back && layout.epoch_low(joined - back) == low)
     }
 }
 
