@@ -16,6 +16,7 @@
 //! timeout passes) everyone is told `epoch_ready` and switches sending keys.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conclave_protocol::mls::{DeliveryGroup, DsError, Identity, KeyPackageInfo, Principal};
@@ -99,8 +100,10 @@ pub struct Outbound {
     pub to: SessionId,
     /// The request id it answers, if any.
     pub reply_to: Option<u64>,
-    /// The message.
-    pub msg: ServerMessage,
+    /// The message; a message fanned out to many members is one allocation
+    /// they all point at (a roster of N members to N members is O(N), not
+    /// O(N²), in memory and in the driver's encoding).
+    pub msg: Arc<ServerMessage>,
 }
 
 /// What a call tells its driver besides messages.
@@ -255,11 +258,11 @@ impl Refusal {
 
 type Step = Result<(Vec<Outbound>, Vec<CallEvent>), Refusal>;
 
-fn out(to: SessionId, msg: ServerMessage) -> Outbound {
+fn out(to: SessionId, msg: impl Into<Arc<ServerMessage>>) -> Outbound {
     Outbound {
         to,
         reply_to: None,
-        msg,
+        msg: msg.into(),
     }
 }
 
@@ -368,9 +371,10 @@ impl Call {
     }
 
     fn to_all(&self, msg: &ServerMessage) -> Vec<Outbound> {
+        let shared = Arc::new(msg.clone());
         self.members
             .iter()
-            .map(|m| out(m.session, msg.clone()))
+            .map(|m| out(m.session, shared.clone()))
             .collect()
     }
 
@@ -727,11 +731,11 @@ impl Call {
             .collect();
 
         let mut msgs = Vec::new();
-        let commit_msg = ServerMessage::Commit {
+        let commit_msg = Arc::new(ServerMessage::Commit {
             call_id: self.call_id.clone(),
             epoch,
             message: Bytes(commit.to_vec()),
-        };
+        });
         // Every previous member gets the commit, the removed ones included
         // (so an honest client drops its keys at once).
         for m in &self.members {
@@ -740,11 +744,11 @@ impl Call {
             }
         }
         if let Some(w) = welcome {
-            let welcome_msg = ServerMessage::Welcome {
+            let welcome_msg = Arc::new(ServerMessage::Welcome {
                 call_id: self.call_id.clone(),
                 epoch: new_epoch,
                 message: Bytes(w.to_vec()),
-            };
+            });
             for s in &added {
                 msgs.push(out(*s, welcome_msg.clone()));
             }
@@ -824,10 +828,10 @@ impl Call {
         let Some(w) = self.acks.take() else {
             return (Vec::new(), Vec::new());
         };
-        let msg = ServerMessage::EpochReady {
+        let msg = Arc::new(ServerMessage::EpochReady {
             call_id: self.call_id.clone(),
             epoch: w.epoch,
-        };
+        });
         let msgs = self
             .in_group()
             .map(|m| out(m.session, msg.clone()))

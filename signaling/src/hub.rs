@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use axum::extract::ws::Utf8Bytes;
 use conclave_protocol::mls::{Identity, KeyPackageInfo};
 use conclave_protocol::signal::{ErrorCode, RemovalReason, ServerEnvelope, ServerMessage};
 use tokio::sync::mpsc;
@@ -24,8 +25,8 @@ pub const OUTBOX_CAPACITY: usize = 4096;
 /// What a session's writer receives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionFrame {
-    /// A JSON text frame.
-    Text(String),
+    /// A JSON text frame (shared by every session a fan-out reaches).
+    Text(Utf8Bytes),
     /// Close the connection with this reason.
     Close(String),
 }
@@ -267,11 +268,11 @@ impl Hub {
     pub fn send(&self, session: SessionId, reply_to: Option<u64>, msg: ServerMessage) {
         let kind = crate::metrics::message_kind(&msg);
         let text = ServerEnvelope::encode(reply_to, msg);
-        self.push(&self.lock(), session, kind, text);
+        self.push(&self.lock(), session, kind, text.into());
     }
 
     /// Queues an encoded frame on a session's outbox; a full outbox closes it.
-    fn push(&self, st: &HubState, session: SessionId, kind: &'static str, text: String) {
+    fn push(&self, st: &HubState, session: SessionId, kind: &'static str, text: Utf8Bytes) {
         if let Some(e) = st.sessions.get(&session) {
             self.stats.messages_out.with_label_values(&[kind]).inc();
             if e.outbox.try_send(SessionFrame::Text(text)).is_err() {
@@ -518,7 +519,7 @@ impl Hub {
             Ok((mut msgs, events)) => {
                 if let Some(first) = msgs
                     .iter_mut()
-                    .find(|o| o.to == session && matches!(o.msg, ServerMessage::Joined { .. }))
+                    .find(|o| o.to == session && matches!(*o.msg, ServerMessage::Joined { .. }))
                 {
                     first.reply_to = id;
                 }
@@ -539,12 +540,19 @@ impl Hub {
         // once per run and take the lock once.
         {
             let st = self.lock();
-            let mut last: Option<(&ServerMessage, Option<u64>, String)> = None;
+            let mut last: Option<(&Arc<ServerMessage>, Option<u64>, Utf8Bytes)> = None;
             for o in &msgs {
                 let text = match &last {
-                    Some((m, r, t)) if *m == &o.msg && *r == o.reply_to => t.clone(),
+                    Some((m, r, t))
+                        if *r == o.reply_to && (Arc::ptr_eq(m, &o.msg) || **m == o.msg) =>
+                    {
+                        t.clone()
+                    }
                     _ => {
-                        let t = ServerEnvelope::encode(o.reply_to, o.msg.clone());
+                        let t = Utf8Bytes::from(ServerEnvelope::encode(
+                            o.reply_to,
+                            ServerMessage::clone(&o.msg),
+                        ));
                         last = Some((&o.msg, o.reply_to, t.clone()));
                         t
                     }
@@ -833,7 +841,7 @@ impl Hub {
                     user_id: user_id.to_owned(),
                     device_id: device_id.to_owned(),
                 };
-                let text = ServerEnvelope::encode(None, msg);
+                let text = Utf8Bytes::from(ServerEnvelope::encode(None, msg));
                 let st = self.lock();
                 for (sid, e) in &st.sessions {
                     if e.calls.contains(&call_id) {
