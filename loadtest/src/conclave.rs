@@ -103,7 +103,12 @@ impl FrameCrypto for AgentCrypto {
 
     fn before_join(&self, kid: u64) -> bool {
         let joined = self.joined.load(Ordering::Acquire);
-        if joined == u64::MAX || joined == 0 {
+        if joined == u64::MAX {
+            // Media can connect before the Welcome is processed: every frame
+            // then comes from before this member joined.
+            return true;
+        }
+        if joined == 0 {
             return false;
         }
         let layout = KidLayout::default();

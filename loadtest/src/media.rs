@@ -101,8 +101,9 @@ pub trait FrameCrypto: Send + Sync {
         out: &mut [u8],
     ) -> Result<DecryptedFrame, SframeError>;
     /// Whether a frame under `kid` that found no key was sent in an epoch
-    /// before this member joined (expected: senders switch keys only once
-    /// every member holds the new epoch). False if unknown.
+    /// before this member joined, or before it joined at all (expected:
+    /// senders switch keys only once every member holds the new epoch).
+    /// False if unknown.
     fn before_join(&self, _kid: u64) -> bool {
         false
     }
