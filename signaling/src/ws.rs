@@ -102,7 +102,7 @@ async fn session(app: AppState, claims: Claims, socket: WebSocket) {
         while let Some(frame) = outbox.recv().await {
             match frame {
                 SessionFrame::Text(t) => {
-                    if sink.send(Message::Text(t.into())).await.is_err() {
+                    if sink.send(Message::Text(t)).await.is_err() {
                         break;
                     }
                 }
