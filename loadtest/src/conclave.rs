@@ -184,6 +184,15 @@ pub struct Recorder {
 }
 
 impl Recorder {
+    /// Participant `id`'s task ended: it is no longer present, and a failure
+    /// is recorded in its join record.
+    pub fn finished(&self, id: u32, result: &Result<(), ParticipantError>) {
+        lock(&self.present).remove(&id);
+        if let Err(e) = result {
+            self.join(id, |r| r.error = Some(e.to_string()));
+        }
+    }
+
     /// Updates participant `id`'s record.
     pub fn join(&self, id: u32, f: impl FnOnce(&mut JoinRecord)) {
         let mut joins = lock(&self.joins);
@@ -257,10 +266,7 @@ pub async fn run(
     let id = plan.participant;
     let result = run_inner(&shared, plan, leave).await;
     let _ = shared.media.send(Command::Close { participant: id });
-    lock(&shared.recorder.present).remove(&id);
-    if let Err(e) = &result {
-        shared.recorder.join(id, |r| r.error = Some(e.to_string()));
-    }
+    shared.recorder.finished(id, &result);
     result
 }
 

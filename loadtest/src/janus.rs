@@ -265,20 +265,8 @@ impl JanusServer {
 
     /// Stops Janus.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGINT,
-            );
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            crate::server::stop_child(child);
         }
     }
 }
@@ -574,10 +562,7 @@ pub async fn run(
     let _ = shared.media.send(Command::Close {
         participant: id | SUBSCRIBER_BIT,
     });
-    lock(&shared.recorder.present).remove(&id);
-    if let Err(e) = &result {
-        shared.recorder.join(id, |r| r.error = Some(e.to_string()));
-    }
+    shared.recorder.finished(id, &result);
     result
 }
 
