@@ -378,29 +378,7 @@ async fn audio_slots_follow_the_loudest_speakers() {
     config.workers = 1;
     let mut h = start(config);
     h.sfu.epoch_changed(CALL, EPOCH);
-    // Four speakers; a listener with two audio slots.
-    let mut speakers = Vec::new();
-    for i in 0..4 {
-        let (p, _) = join(
-            &h,
-            &format!("u:speaker{i}/d"),
-            PeerSpec {
-                publish_audio: true,
-                ..Default::default()
-            },
-        )
-        .await;
-        speakers.push((p, Sender::new(EPOCH, i + 1, 0)));
-    }
-    let (listener, _) = join(
-        &h,
-        "u:listener/d",
-        PeerSpec {
-            recv_audio_slots: 2,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (mut speakers, listener) = four_speakers_and_a_listener(&h).await;
     // RFC 6464 levels: lower is louder. Speakers 2 and 3 are loud.
     let levels = [90u8, 80, 10, 20];
     for round in 0..100u8 {
@@ -444,6 +422,33 @@ async fn audio_slots_follow_the_loudest_speakers() {
     h.sfu.shutdown();
 }
 
+/// Four audio publishers (leaves 1–4) and a listener with two audio slots.
+async fn four_speakers_and_a_listener(h: &Harness) -> (Vec<(TestPeer, Sender)>, TestPeer) {
+    let mut speakers = Vec::new();
+    for i in 0..4 {
+        let (p, _) = join(
+            h,
+            &format!("u:speaker{i}/d"),
+            PeerSpec {
+                publish_audio: true,
+                ..Default::default()
+            },
+        )
+        .await;
+        speakers.push((p, Sender::new(EPOCH, i + 1, 0)));
+    }
+    let (listener, _) = join(
+        h,
+        "u:listener/d",
+        PeerSpec {
+            recv_audio_slots: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    (speakers, listener)
+}
+
 /// Sends one round of frames at `levels`; returns `(frame, speaker)` of each.
 async fn speak(
     speakers: &mut [(TestPeer, Sender)],
@@ -466,28 +471,7 @@ async fn slots_keep_their_speaker_when_speakers_trade_places() {
     config.workers = 1;
     let h = start(config);
     h.sfu.epoch_changed(CALL, EPOCH);
-    let mut speakers = Vec::new();
-    for i in 0..4 {
-        let (p, _) = join(
-            &h,
-            &format!("u:speaker{i}/d"),
-            PeerSpec {
-                publish_audio: true,
-                ..Default::default()
-            },
-        )
-        .await;
-        speakers.push((p, Sender::new(EPOCH, i + 1, 0)));
-    }
-    let (listener, _) = join(
-        &h,
-        "u:listener/d",
-        PeerSpec {
-            recv_audio_slots: 2,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (mut speakers, listener) = four_speakers_and_a_listener(&h).await;
     // Speakers 2 and 3 are the loud ones; which of them is louder flips
     // every 60 rounds. Both stay chosen, so neither slot should change hands.
     let mut sent = Vec::new();
