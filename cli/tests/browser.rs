@@ -115,6 +115,9 @@ impl SfuControl for KeepsEvicted {
     fn epoch_ready(&self, call_id: &str, epoch: u64) {
         self.inner.epoch_ready(call_id, epoch);
     }
+    fn members_removed(&self, call_id: &str, epoch: u64) {
+        self.inner.members_removed(call_id, epoch);
+    }
     fn request_key_frames(&self, call_id: &str) {
         self.inner.request_key_frames(call_id);
     }

@@ -218,6 +218,10 @@ pub trait SfuControl: Send + Sync {
     /// (`epoch_ready`). The E2EE guard forwards frames of every epoch from
     /// the ready epoch before this one to the newest commit.
     fn epoch_ready(&self, call_id: &str, epoch: u64);
+    /// The commit to `epoch` removed members. Frames of the epochs they hold
+    /// stop once the group moves past `epoch`, even if senders have not
+    /// switched keys yet (a removal outranks smooth media).
+    fn members_removed(&self, call_id: &str, epoch: u64);
     /// Asks every video publisher of the call for a key frame (when members
     /// who joined in a new epoch can decode only from one under its keys).
     fn request_key_frames(&self, call_id: &str);

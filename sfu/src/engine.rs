@@ -208,8 +208,15 @@ impl Engine {
                 }
             }
             Command::Close(sid) => self.close(sid, DownReason::Closed),
-            Command::Epoch { call_id, epoch } => self.epoch(call_id, epoch, false, now),
-            Command::EpochReady { call_id, epoch } => self.epoch(call_id, epoch, true, now),
+            Command::Epoch { call_id, epoch } => {
+                self.epoch(call_id, epoch, EpochStep::Committed, now)
+            }
+            Command::EpochReady { call_id, epoch } => {
+                self.epoch(call_id, epoch, EpochStep::Ready, now)
+            }
+            Command::MembersRemoved { call_id, epoch } => {
+                self.epoch(call_id, epoch, EpochStep::Removed, now)
+            }
             Command::KeyFrames(call_id) => self.key_frames(call_id, now),
             // Counted by the worker whose socket received it.
             Command::Datagram { from, data } => self.route_datagram(now, from, &data),
@@ -342,17 +349,18 @@ impl Engine {
         })
     }
 
-    /// The call's group committed `epoch`, or (`ready`) senders were told
-    /// to switch to it.
-    fn epoch(&mut self, call_id: String, epoch: u64, ready: bool, now: Instant) {
+    /// The call's group committed `epoch` (a commit that removed members),
+    /// or senders were told to switch to it.
+    fn epoch(&mut self, call_id: String, epoch: u64, step: EpochStep, now: Instant) {
         let c = self.call_for(&call_id);
         if let Some(call) = self.calls.get_mut(&c) {
-            match call.live.as_mut() {
-                Some(live) if ready => live.ready(epoch),
-                Some(live) => live.committed(epoch),
-                None => call.live = Some(LiveEpochs::new(KidLayout::default(), epoch)),
+            match (call.live.as_mut(), step) {
+                (Some(live), EpochStep::Committed) => live.committed(epoch),
+                (Some(live), EpochStep::Removed) => live.removed(epoch),
+                (Some(live), EpochStep::Ready) => live.ready(epoch),
+                (None, _) => call.live = Some(LiveEpochs::new(KidLayout::default(), epoch)),
             }
-            if !ready || call.epoch.is_none_or(|e| epoch > e) {
+            if step != EpochStep::Ready || call.epoch.is_none_or(|e| epoch > e) {
                 call.epoch = Some(epoch);
             }
             call.last_activity = now;
@@ -1220,6 +1228,14 @@ enum Forward {
 
 /// Forwards one packet into one subscriber slot, switching layers only on
 /// key frames and keeping the outgoing numbering continuous.
+/// What happened to a call's epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EpochStep {
+    Committed,
+    Removed,
+    Ready,
+}
+
 fn forward_one(sub: &mut Session, slot_index: usize, inb: &Inbound<'_>, now: Instant) -> Forward {
     if !sub.up {
         return Forward::Skipped;

@@ -39,6 +39,8 @@ pub struct LiveEpochs {
     ready: u64,
     previous_ready: Option<u64>,
     committed: u64,
+    /// The latest commit that removed members.
+    removal: Option<u64>,
 }
 
 /// The shortest SFrame tag of any suite Conclave accepts on the wire.
@@ -52,6 +54,18 @@ impl LiveEpochs {
             ready: epoch,
             previous_ready: None,
             committed: epoch,
+            removal: None,
+        }
+    }
+
+    /// The commit to `epoch` removed members. Whatever senders use, the
+    /// epochs the removed members hold stop once the group is past `epoch`
+    /// (the epoch just before it stays live until then, for frames in flight
+    /// and senders that have not switched yet).
+    pub fn removed(&mut self, epoch: u64) {
+        self.committed(epoch);
+        if epoch >= self.ready {
+            self.removal = Some(self.removal.map_or(epoch, |r| r.max(epoch)));
         }
     }
 
@@ -81,7 +95,15 @@ impl LiveEpochs {
         // Live: from the ready epoch before the current one (or the current
         // one) up to the newest commit, compared on the KID's epoch bits.
         let layout = self.layout;
-        let oldest = self.previous_ready.unwrap_or(self.ready);
+        let mut oldest = self.previous_ready.unwrap_or(self.ready);
+        if let Some(r) = self.removal {
+            let floor = if self.committed > r {
+                r
+            } else {
+                r.saturating_sub(1)
+            };
+            oldest = oldest.max(floor);
+        }
         let span = self.committed - oldest;
         let modulus = 1u64 << layout.epoch_bits();
         let past_oldest = layout
@@ -171,6 +193,26 @@ mod tests {
         live.ready(8);
         assert!(!opus_ok(&live, 4) && !opus_ok(&live, 6));
         assert!(opus_ok(&live, 7) && opus_ok(&live, 8));
+    }
+
+    #[test]
+    fn a_removal_ends_the_removed_members_epochs_once_the_group_moves_on() {
+        // Senders use 4; a commit to 5 removes someone who holds 4.
+        let mut live = LiveEpochs::new(KidLayout::default(), 4);
+        live.removed(5);
+        assert!(opus_ok(&live, 4) && opus_ok(&live, 5));
+        // A join commits 6 before 5 is ready: 4 stops although senders
+        // have not switched yet (their media waits for epoch_ready).
+        live.committed(6);
+        assert!(!opus_ok(&live, 4));
+        assert!(opus_ok(&live, 5) && opus_ok(&live, 6));
+        live.ready(6);
+        assert!(!opus_ok(&live, 4) && opus_ok(&live, 6));
+        // Join-only commits alone never end an epoch senders use.
+        let mut joins = LiveEpochs::new(KidLayout::default(), 4);
+        joins.committed(5);
+        joins.committed(6);
+        assert!(opus_ok(&joins, 4));
     }
 
     #[test]

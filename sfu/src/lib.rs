@@ -271,6 +271,16 @@ impl SfuControl for Sfu {
         );
     }
 
+    fn members_removed(&self, call_id: &str, epoch: u64) {
+        self.shared.send(
+            self.worker_of_call(call_id),
+            Command::MembersRemoved {
+                call_id: call_id.to_owned(),
+                epoch,
+            },
+        );
+    }
+
     fn epoch_ready(&self, call_id: &str, epoch: u64) {
         self.shared.send(
             self.worker_of_call(call_id),

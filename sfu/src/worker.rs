@@ -49,6 +49,10 @@ pub(crate) enum Command {
         call_id: String,
         epoch: u64,
     },
+    MembersRemoved {
+        call_id: String,
+        epoch: u64,
+    },
     /// Tests: make the session's next processing panic.
     #[cfg(feature = "fault-injection")]
     InjectFault(SessionId),

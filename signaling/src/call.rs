@@ -127,6 +127,8 @@ pub enum CallEvent {
         fanout_bytes: usize,
         /// Members after the commit.
         members: usize,
+        /// The commit removed members.
+        removed: bool,
     },
     /// A session is no longer in the call and should be told so.
     SessionLeft(SessionId),
@@ -681,6 +683,7 @@ impl Call {
             .ds
             .as_mut()
             .ok_or_else(|| Refusal::new(ErrorCode::Internal, "no group"))?;
+        let before: HashSet<Principal> = ds.members().into_iter().map(|(_, p)| p).collect();
         let accepted = ds.accept_commit(commit).map_err(|e| match e {
             DsError::StaleEpoch { .. } => Refusal::new(ErrorCode::StaleEpoch, e.to_string()),
             other => Refusal::new(ErrorCode::InvalidMls, other.to_string()),
@@ -692,6 +695,7 @@ impl Call {
         let leaves = ds.members();
         let leaf_of: std::collections::HashMap<&Principal, u32> =
             leaves.iter().map(|(l, p)| (p, *l)).collect();
+        let removed_any = before.iter().any(|p| !leaf_of.contains_key(p));
         let joiner_set: HashSet<SessionId> = joiners.iter().copied().collect();
         let mut added = Vec::new();
         for m in &mut self.members {
@@ -791,6 +795,7 @@ impl Call {
                 .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
             fanout_bytes: fanout,
             members: self.in_group().count(),
+            removed: removed_any,
         });
         self.batch_started = None;
         self.phase = Phase::Idle;

@@ -567,6 +567,7 @@ impl Hub {
                     commit_latency,
                     fanout_bytes,
                     members,
+                    removed,
                 } => {
                     self.stats
                         .commit_latency
@@ -581,6 +582,9 @@ impl Hub {
                         "epoch changed"
                     );
                     self.sfu.epoch_changed(call.id(), epoch);
+                    if removed {
+                        self.sfu.members_removed(call.id(), epoch);
+                    }
                     self.audit(call.id(), "rekeyed", None, None, Some(epoch));
                 }
                 CallEvent::EpochReady { epoch, added } => {

@@ -26,6 +26,7 @@ impl SfuControl for NoSfu {
     fn close_session(&self, _session: MediaSessionId) {}
     fn epoch_changed(&self, _call_id: &str, _epoch: u64) {}
     fn epoch_ready(&self, _call_id: &str, _epoch: u64) {}
+    fn members_removed(&self, _call_id: &str, _epoch: u64) {}
     fn request_key_frames(&self, _call_id: &str) {}
 }
 
