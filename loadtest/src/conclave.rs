@@ -238,7 +238,10 @@ async fn send(ws: &mut Ws, id: Option<u64>, msg: ClientMessage) -> Result<(), Pa
         .map_err(|e| ParticipantError::Connection(e.to_string()))
 }
 
-async fn next(ws: &mut Ws) -> Result<ServerEnvelope, ParticipantError> {
+/// The next text frame of a WebSocket (either target's signaling).
+pub(crate) async fn next_text(
+    ws: &mut Ws,
+) -> Result<tokio_tungstenite::tungstenite::Utf8Bytes, ParticipantError> {
     loop {
         let frame = ws
             .next()
@@ -246,14 +249,16 @@ async fn next(ws: &mut Ws) -> Result<ServerEnvelope, ParticipantError> {
             .ok_or_else(|| ParticipantError::Connection("closed".into()))?
             .map_err(|e| ParticipantError::Connection(e.to_string()))?;
         match frame {
-            Message::Text(t) => {
-                return ServerEnvelope::decode(t.as_str())
-                    .map_err(|e| ParticipantError::Protocol(e.to_string()));
-            }
+            Message::Text(t) => return Ok(t),
             Message::Close(_) => return Err(ParticipantError::Connection("closed".into())),
             _ => {}
         }
     }
+}
+
+async fn next(ws: &mut Ws) -> Result<ServerEnvelope, ParticipantError> {
+    let text = next_text(ws).await?;
+    ServerEnvelope::decode(text.as_str()).map_err(|e| ParticipantError::Protocol(e.to_string()))
 }
 
 /// Runs one participant until `leave` fires (or the session ends). Errors

@@ -34,7 +34,7 @@ use conclave_protocol::sframe::{
     Codec, DecryptedFrame, EpochSecret, FrameEncryptor, KeyRing, KeyRingConfig, KidLayout,
     SframeError,
 };
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
@@ -438,22 +438,8 @@ impl Conn {
     }
 
     async fn recv(&mut self) -> Result<Value, ParticipantError> {
-        loop {
-            let frame = self
-                .ws
-                .next()
-                .await
-                .ok_or_else(|| ParticipantError::Connection("closed".into()))?
-                .map_err(|e| ParticipantError::Connection(e.to_string()))?;
-            match frame {
-                Message::Text(t) => {
-                    return serde_json::from_str(t.as_str())
-                        .map_err(|e| ParticipantError::Protocol(e.to_string()));
-                }
-                Message::Close(_) => return Err(ParticipantError::Connection("closed".into())),
-                _ => {}
-            }
-        }
+        let text = crate::conclave::next_text(&mut self.ws).await?;
+        serde_json::from_str(text.as_str()).map_err(|e| ParticipantError::Protocol(e.to_string()))
     }
 
     async fn send(&mut self, mut msg: Value) -> Result<String, ParticipantError> {
