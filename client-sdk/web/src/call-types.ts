@@ -79,7 +79,10 @@ export interface Verification {
 
 /** Counters the app (and tests) can read. */
 export interface CallStats {
+  /** The newest MLS epoch this client holds keys for. */
   epoch: number | null;
+  /** The epoch its frames are sent in: behind `epoch` until the server says every member holds it. */
+  sendingEpoch: number | null;
   /** Frames this client encrypted and sent. */
   framesEncrypted: number;
   /** Frames received and decrypted. */

@@ -703,8 +703,10 @@ export class CallClient {
 
   stats(): CallStats {
     const epoch = this.agent?.epoch;
+    const sending = this.agent?.sendingEpoch;
     return {
       epoch: epoch === null || epoch === undefined ? null : Number(epoch),
+      sendingEpoch: sending === null || sending === undefined ? null : Number(sending),
       framesEncrypted: this.workerStats.encrypted,
       framesDecrypted: this.workerStats.decrypted,
       decryptFailures: this.workerStats.failures,

@@ -50,6 +50,8 @@ async function until(what, ms, fn, every = 200) {
 }
 
 const people = {}; // name -> {page, memberId}
+/** Set when the administrator's removal of the victim begins. */
+const victimRemoval = { started: false };
 
 /** What a page shows: its tiles' video state, and the client's counters. */
 function look(page) {
@@ -106,13 +108,16 @@ async function join(browser, name) {
   if (name === cfg.victim) {
     // The evicted member's page must not learn it was removed (a client
     // that ignores removal, with a server that keeps relaying to it): drop
-    // `removed`, and keep the page's socket open when the server closes it.
+    // `removed` and, once the removal starts, the commit that removes it (an
+    // honest page would drop its keys on it; this one keeps the old epoch's),
+    // and keep the page's socket open when the server closes it.
     await page.routeWebSocket(/\/ws/, (ws) => {
       const server = ws.connectToServer();
       server.onMessage((m) => {
         try {
-          if (JSON.parse(String(m)).type === "removed") {
-            log({ event: "hidden_from_victim", type: "removed", at: since() });
+          const type = JSON.parse(String(m)).type;
+          if (type === "removed" || (type === "commit" && victimRemoval.started)) {
+            log({ event: "hidden_from_victim", type, at: since() });
             return;
           }
         } catch {
@@ -219,8 +224,11 @@ async function main() {
     await people[names[1]].page.screenshot({ path: pathJoin(cfg.artifacts, "call.png") });
     log({ event: "screenshot", path: pathJoin(cfg.artifacts, "call.png") });
 
-    // 4. Removal: an administrator removes the victim; within 2 s of the new
-    // epoch its page can no longer decrypt, while the others carry on.
+    // 4. Removal: an administrator removes the victim. The others move to a
+    // new epoch, and once they send in it (epoch_ready, after every remaining
+    // member acked) the victim's page decrypts nothing more, while the
+    // others carry on. The SFU here keeps forwarding to the victim (the test
+    // server's KeepsEvicted), so only the keys keep it out.
     const victim = people[cfg.victim];
     const stayers = names.filter((n) => n !== cfg.victim);
     const epochBefore = (await look(people[stayers[0]].page)).stats.epoch;
@@ -231,28 +239,62 @@ async function main() {
       body: JSON.stringify({ username: "admin", password: cfg.passwords.admin }),
     }).then((r) => r.json());
     const removedAt = Date.now();
+    victimRemoval.started = true;
     const res = await fetch(`${cfg.server}/admin/users/${cfg.ids[cfg.victim]}/remove`, {
       method: "POST",
       headers: { authorization: `Bearer ${admin.token}` },
     });
     if (!res.ok) throw new Error(`admin remove: HTTP ${res.status} ${await res.text()}`);
-    await until("the others reach a new epoch", 10_000, async () => {
-      const all = await Promise.all(stayers.map(async (n) => (await look(people[n].page)).stats.epoch));
-      return all.every((e) => e > epochBefore);
-    }, 20);
+    const stayerStats = () => Promise.all(stayers.map(async (n) => (await look(people[n].page)).stats));
+    await until("the others reach a new epoch", 10_000, async () => (await stayerStats()).every((s) => s.epoch > epochBefore), 20);
     const newEpochAt = Date.now();
-    log({ event: "new_epoch", ms_after_remove: newEpochAt - removedAt });
-    const climbed = await until("the victim's decrypt failures climb", 2000, async () => {
+    await until("the others send in the new epoch", 10_000, async () => (await stayerStats()).every((s) => s.sendingEpoch > epochBefore), 20);
+    const switchedAt = Date.now();
+    log({ event: "new_epoch", ms_after_remove: newEpochAt - removedAt, senders_switched_ms_after_remove: switchedAt - removedAt });
+    const victimAtSwitch = (await look(victim.page)).stats;
+    const victimNow = async () => {
       const s = (await look(victim.page)).stats;
-      return s.decryptFailures >= victimBefore.decryptFailures + 10 ? s : null;
-    }, 20);
-    const climbMs = Date.now() - newEpochAt;
-    log({ event: "victim_cannot_decrypt", ms_after_new_epoch: climbMs, failures: climbed.decryptFailures - victimBefore.decryptFailures, epoch_it_holds: climbed.epoch });
+      return { s, failures: s.decryptFailures - victimBefore.decryptFailures, decrypted: s.framesDecrypted - victimAtSwitch.framesDecrypted };
+    };
+    const climbed = await until("the victim's decrypt failures climb", 3000, async () => {
+      const v = await victimNow();
+      return v.failures >= 10 ? v.s : null;
+    }, 20).catch(async (e) => {
+      const v = await victimNow();
+      throw new Error(`${e.message} (since the removal: ${v.failures} failures; since the senders switched: ${v.decrypted} frames decrypted)`);
+    });
+    log({ event: "victim_cannot_decrypt", ms_after_senders_switched: Date.now() - switchedAt, failures: climbed.decryptFailures - victimBefore.decryptFailures, epoch_it_holds: climbed.epoch });
+    // Frames already in flight drain; then, for 2 s, no frame may decrypt
+    // or reach the victim's video receivers. (Its decoders may still output
+    // a few frames that sat in their jitter buffers from before the removal,
+    // so neither framesDecoded nor the <video> frame counters are the
+    // measure: framesReceived counts what came through the decrypting
+    // transform.)
     await sleep(1500);
-    const frozen = await advancing(victim.page, 2000);
-    const stillMoving = [...frozen.moving.keys()].filter((k) => !k.startsWith(`${victim.memberId}|`));
-    log({ event: "victim_video", moving: stillMoving, failures_total: frozen.stats.decryptFailures });
-    if (stillMoving.length > 0) throw new Error(`the evicted member still decodes ${stillMoving.join(", ")}`);
+    const victimReceived = () =>
+      victim.page.evaluate(async () => {
+        let framesReceived = 0;
+        let framesDecoded = 0;
+        (await window.conclave.client.pc.getStats()).forEach((r) => {
+          if (r.type === "inbound-rtp" && r.kind === "video") {
+            framesReceived += r.framesReceived ?? 0;
+            framesDecoded += r.framesDecoded ?? 0;
+          }
+        });
+        return { framesReceived, framesDecoded, decrypted: window.conclave.stats().framesDecrypted };
+      });
+    const atStart = await victimReceived();
+    const tiles = await advancing(victim.page, 2000);
+    const atEnd = await victimReceived();
+    log({
+      event: "victim_window",
+      decrypted: atEnd.decrypted - atStart.decrypted,
+      video_frames_received: atEnd.framesReceived - atStart.framesReceived,
+      video_frames_decoded_from_before: atEnd.framesDecoded - atStart.framesDecoded,
+      failures_total: tiles.stats.decryptFailures,
+    });
+    if (atEnd.decrypted > atStart.decrypted) throw new Error(`the evicted member still decrypted ${atEnd.decrypted - atStart.decrypted} frames`);
+    if (atEnd.framesReceived > atStart.framesReceived) throw new Error(`the evicted member still received ${atEnd.framesReceived - atStart.framesReceived} video frames`);
     for (const name of stayers) {
       // The rekey makes every publisher send a key frame at once; on a
       // loaded machine a stream may stall briefly before it recovers.
