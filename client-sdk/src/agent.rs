@@ -271,13 +271,9 @@ impl MlsAgent {
             b"",
             self.config.sframe_suite.key_len(),
         )?;
-        let members: LeafSet = group.roster().members_iter().map(|m| m.index).collect();
-        let width = group
-            .roster()
-            .members_iter()
-            .map(|m| m.index)
-            .max()
-            .map_or(1, |i| i + 1);
+        let leaves = leaf_keys(group);
+        let members: LeafSet = leaves.iter().map(|(i, _)| *i).collect();
+        let width = leaves.last().map_or(1, |(i, _)| i + 1);
         let leaf = group.current_member_index();
         let secret = EpochSecret {
             epoch,
@@ -294,43 +290,14 @@ impl MlsAgent {
     pub fn handle(&mut self, message: &[u8], now: Instant) -> Result<Vec<AgentEvent>, AgentError> {
         let msg = decode(message)?;
         let group = self.group.as_mut().ok_or(AgentError::NotInGroup)?;
-        let before: Vec<(u32, Vec<u8>)> = group
-            .roster()
-            .members_iter()
-            .map(|m| {
-                (
-                    m.index,
-                    m.signing_identity.signature_key.as_bytes().to_vec(),
-                )
-            })
-            .collect();
+        let before = leaf_keys(group);
         match group.process_incoming_message(msg)? {
             ReceivedMessage::Proposal(_) => Ok(vec![AgentEvent::ProposalQueued]),
             ReceivedMessage::Commit(desc) => match desc.effect {
                 CommitEffect::NewEpoch(_) => {
                     self.persist()?;
                     let epoch = self.install_current_epoch(now)?;
-                    let after: Vec<(u32, Vec<u8>)> = self
-                        .group()?
-                        .roster()
-                        .members_iter()
-                        .map(|m| {
-                            (
-                                m.index,
-                                m.signing_identity.signature_key.as_bytes().to_vec(),
-                            )
-                        })
-                        .collect();
-                    let added = after
-                        .iter()
-                        .filter(|m| !before.contains(m))
-                        .map(|m| m.0)
-                        .collect();
-                    let removed = before
-                        .iter()
-                        .filter(|m| !after.iter().any(|a| a.0 == m.0))
-                        .map(|m| m.0)
-                        .collect();
+                    let (added, removed) = roster_change(&before, &leaf_keys(self.group()?));
                     Ok(vec![AgentEvent::EpochChanged {
                         epoch,
                         added,
@@ -466,5 +433,66 @@ impl MlsAgent {
     /// Frame protection for this member.
     pub fn crypto(&mut self) -> &mut CallCrypto {
         &mut self.crypto
+    }
+}
+
+/// Every member's leaf index and signature key, in leaf order.
+fn leaf_keys(group: &Group<MlsConfig>) -> Vec<(u32, Vec<u8>)> {
+    group
+        .roster()
+        .members_iter()
+        .map(|m| {
+            (
+                m.index,
+                m.signing_identity.signature_key.as_bytes().to_vec(),
+            )
+        })
+        .collect()
+}
+
+/// Leaves added (new, or a new key on a reused leaf) and removed between two
+/// leaf-ordered rosters: one merge, O(N) (a 500-member call diffs on every commit).
+fn roster_change(before: &[(u32, Vec<u8>)], after: &[(u32, Vec<u8>)]) -> (Vec<u32>, Vec<u32>) {
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    let (mut b, mut a) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        match (b.peek(), a.peek()) {
+            (Some(x), Some(y)) if x.0 == y.0 => {
+                if x.1 != y.1 {
+                    added.push(y.0);
+                }
+                b.next();
+                a.next();
+            }
+            (Some(x), Some(y)) if x.0 < y.0 => {
+                removed.push(x.0);
+                b.next();
+            }
+            (_, Some(y)) => {
+                added.push(y.0);
+                a.next();
+            }
+            (Some(x), None) => {
+                removed.push(x.0);
+                b.next();
+            }
+            (None, None) => return (added, removed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::roster_change;
+
+    #[test]
+    fn roster_change_finds_added_removed_and_reused_leaves() {
+        let k = |b: u8| vec![b; 4];
+        let before = [(0, k(1)), (1, k(2)), (2, k(3)), (4, k(5))];
+        // 1 left, 2 was re-filled by someone else, 3 and 5 are new, 4 left.
+        let after = [(0, k(1)), (2, k(9)), (3, k(4)), (5, k(6))];
+        assert_eq!(roster_change(&before, &after), (vec![2, 3, 5], vec![1, 4]));
+        assert_eq!(roster_change(&before, &before), (vec![], vec![]));
+        assert_eq!(roster_change(&[], &before[..2]), (vec![0, 1], vec![]));
     }
 }
