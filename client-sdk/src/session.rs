@@ -28,7 +28,7 @@ use conclave_protocol::mls::{Identity, Principal, decode_signing_identity};
 use conclave_protocol::sframe::{Codec, DecryptedFrame, SframeError};
 use conclave_protocol::signal::{
     Bytes, ClientEnvelope, ClientMessage, ErrorCode, MediaSource, MediaSourceMid, RemovalReason,
-    RosterMember, ServerEnvelope, ServerMessage,
+    RosterMember, ServerEnvelope, ServerMessage, apply_roster_update,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -515,6 +515,8 @@ async fn serve(
     let emit = |e: CallEvent| {
         let _ = events.send(e);
     };
+    // The whole roster, kept from `roster` and the `roster_update`s after it.
+    let mut roster: Vec<RosterMember> = Vec::new();
     loop {
         let env = tokio::select! {
             out = outgoing.recv() => {
@@ -565,6 +567,16 @@ async fn serve(
                 user_id, device_id, ..
             } => {
                 emit(CallEvent::ActiveSpeaker { user_id, device_id });
+                continue;
+            }
+            ServerMessage::Roster { members, .. } => {
+                roster = members;
+                emit(CallEvent::Roster(roster.clone()));
+                continue;
+            }
+            ServerMessage::RosterUpdate { changed, gone, .. } => {
+                apply_roster_update(&mut roster, changed, &gone);
+                emit(CallEvent::Roster(roster.clone()));
                 continue;
             }
             msg => msg,
@@ -673,7 +685,6 @@ fn react(
             Ok(_) => (Vec::new(), vec![CallEvent::EpochReady { epoch }]),
             Err(e) => (Vec::new(), vec![mls_failure("switching keys", &e)]),
         },
-        ServerMessage::Roster { members, .. } => (Vec::new(), vec![CallEvent::Roster(members)]),
         ServerMessage::Removed { reason, .. } => (Vec::new(), vec![CallEvent::Removed(reason)]),
         ServerMessage::Error { code, message } => {
             if matches!(code, ErrorCode::StaleEpoch | ErrorCode::NotCommitter) {

@@ -228,6 +228,44 @@ pub struct RosterMember {
     pub recorder: bool,
 }
 
+/// One device of one user: a roster entry's key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DeviceRef {
+    /// User id.
+    pub user_id: String,
+    /// Device id.
+    pub device_id: String,
+}
+
+impl RosterMember {
+    /// Whether this entry is `device`'s.
+    pub fn is(&self, device: &DeviceRef) -> bool {
+        self.user_id == device.user_id && self.device_id == device.device_id
+    }
+}
+
+/// Applies a `roster_update` to the roster a client holds: entries in `gone`
+/// leave; each entry in `changed` replaces the one of the same user and
+/// device, or joins at the end (the server's order).
+pub fn apply_roster_update(
+    roster: &mut Vec<RosterMember>,
+    changed: Vec<RosterMember>,
+    gone: &[DeviceRef],
+) {
+    if !gone.is_empty() {
+        roster.retain(|m| !gone.iter().any(|g| m.is(g)));
+    }
+    for c in changed {
+        match roster
+            .iter_mut()
+            .find(|m| m.user_id == c.user_id && m.device_id == c.device_id)
+        {
+            Some(m) => *m = c,
+            None => roster.push(c),
+        }
+    }
+}
+
 /// What the server tells a client.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -294,7 +332,8 @@ pub enum ServerMessage {
         /// The epoch.
         epoch: u64,
     },
-    /// The call's members changed.
+    /// Everyone in the call: sent once, when the session enters the call;
+    /// `roster_update`s follow.
     Roster {
         /// The call.
         call_id: String,
@@ -302,6 +341,20 @@ pub enum ServerMessage {
         epoch: u64,
         /// Everyone in the call.
         members: Vec<RosterMember>,
+    },
+    /// The call's members changed since the last `roster` or
+    /// `roster_update` this session got (see [`apply_roster_update`]).
+    RosterUpdate {
+        /// The call.
+        call_id: String,
+        /// The current epoch.
+        epoch: u64,
+        /// Members who joined or whose entry changed, whole.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        changed: Vec<RosterMember>,
+        /// Members who left.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gone: Vec<DeviceRef>,
     },
     /// You are no longer in the call.
     Removed {
@@ -566,6 +619,62 @@ impl ServerEnvelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(user: &str, muted: bool) -> RosterMember {
+        RosterMember {
+            user_id: user.into(),
+            device_id: "d".into(),
+            display_name: String::new(),
+            leaf: None,
+            identity_key: Bytes(vec![1]),
+            audio_muted: muted,
+            video_muted: false,
+            publishing: Vec::new(),
+            recorder: false,
+        }
+    }
+
+    #[test]
+    fn a_roster_update_replaces_in_place_appends_and_removes() {
+        let mut roster = vec![entry("a", false), entry("b", false), entry("c", false)];
+        let text = ServerEnvelope::encode(
+            None,
+            ServerMessage::RosterUpdate {
+                call_id: "c1".into(),
+                epoch: 3,
+                changed: vec![entry("c", true), entry("d", false)],
+                gone: vec![DeviceRef {
+                    user_id: "a".into(),
+                    device_id: "d".into(),
+                }],
+            },
+        );
+        let ServerMessage::RosterUpdate { changed, gone, .. } =
+            ServerEnvelope::decode(&text).unwrap().msg
+        else {
+            panic!("{text}");
+        };
+        apply_roster_update(&mut roster, changed, &gone);
+        assert_eq!(
+            roster,
+            vec![entry("b", false), entry("c", true), entry("d", false)]
+        );
+        // Empty lists are left out on the wire and read back as empty.
+        let quiet = ServerEnvelope::encode(
+            None,
+            ServerMessage::RosterUpdate {
+                call_id: "c1".into(),
+                epoch: 4,
+                changed: Vec::new(),
+                gone: Vec::new(),
+            },
+        );
+        assert!(
+            !quiet.contains("changed") && !quiet.contains("gone"),
+            "{quiet}"
+        );
+        assert!(ServerEnvelope::decode(&quiet).is_ok());
+    }
 
     #[test]
     fn round_trips_a_join() {

@@ -15,13 +15,13 @@
 //! joiners. When every member has acknowledged the new epoch (or the ack
 //! timeout passes) everyone is told `epoch_ready` and switches sending keys.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conclave_protocol::mls::{DeliveryGroup, DsError, Identity, KeyPackageInfo, Principal};
 use conclave_protocol::signal::{
-    Bytes, ErrorCode, MediaSource, RemovalReason, RosterMember, ServerMessage,
+    Bytes, DeviceRef, ErrorCode, MediaSource, RemovalReason, RosterMember, ServerMessage,
 };
 
 /// A client session's id, unique for the server's lifetime.
@@ -175,6 +175,8 @@ struct Member {
     recorder: bool,
     /// Leaving: removed at the next commit.
     leaving: Option<RemovalReason>,
+    /// Has had the whole roster; `roster_update`s follow.
+    has_roster: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -228,6 +230,8 @@ pub struct Call {
     /// Leaves that have committed since they joined: their direct paths in
     /// the ratchet tree are set.
     filled: HashSet<u32>,
+    /// The roster as last sent: `roster_update`s carry what differs from it.
+    sent_roster: Vec<RosterMember>,
 }
 
 impl std::fmt::Debug for Call {
@@ -294,6 +298,7 @@ impl Call {
             acks: None,
             commits: 0,
             filled: HashSet::new(),
+            sent_roster: Vec::new(),
         }
     }
 
@@ -348,36 +353,81 @@ impl Call {
         self.members.iter().filter(|m| m.leaf.is_some())
     }
 
-    /// The roster message for everyone.
-    fn roster(&self) -> ServerMessage {
-        ServerMessage::Roster {
-            call_id: self.call_id.clone(),
-            epoch: self.epoch(),
-            members: self
-                .members
-                .iter()
-                .filter(|m| m.leaving.is_none())
-                .map(|m| RosterMember {
-                    user_id: m.user_id.clone(),
-                    device_id: m.device_id.clone(),
-                    display_name: m.display_name.clone(),
-                    leaf: m.leaf,
-                    identity_key: Bytes(m.identity_key.clone()),
-                    audio_muted: m.audio_muted,
-                    video_muted: m.video_muted,
-                    publishing: m.publishing.clone(),
-                    recorder: m.recorder,
-                })
-                .collect(),
-        }
-    }
-
-    fn to_all(&self, msg: &ServerMessage) -> Vec<Outbound> {
-        let shared = Arc::new(msg.clone());
+    /// Everyone in the call, as the roster shows them.
+    fn roster_members(&self) -> Vec<RosterMember> {
         self.members
             .iter()
-            .map(|m| out(m.session, shared.clone()))
+            .filter(|m| m.leaving.is_none())
+            .map(|m| RosterMember {
+                user_id: m.user_id.clone(),
+                device_id: m.device_id.clone(),
+                display_name: m.display_name.clone(),
+                leaf: m.leaf,
+                identity_key: Bytes(m.identity_key.clone()),
+                audio_muted: m.audio_muted,
+                video_muted: m.video_muted,
+                publishing: m.publishing.clone(),
+                recorder: m.recorder,
+            })
             .collect()
+    }
+
+    /// The roster to every member: whole to those who have not had it yet,
+    /// and to the others only what changed since it last went out (in a
+    /// 500-member call a mute toggle is one entry, not 500).
+    fn roster_out(&mut self) -> Vec<Outbound> {
+        let now = self.roster_members();
+        let before: HashMap<(&str, &str), &RosterMember> = self
+            .sent_roster
+            .iter()
+            .map(|m| ((m.user_id.as_str(), m.device_id.as_str()), m))
+            .collect();
+        let changed: Vec<RosterMember> = now
+            .iter()
+            .filter(|m| before.get(&(m.user_id.as_str(), m.device_id.as_str())) != Some(m))
+            .cloned()
+            .collect();
+        let present: HashSet<(&str, &str)> = now
+            .iter()
+            .map(|m| (m.user_id.as_str(), m.device_id.as_str()))
+            .collect();
+        let gone: Vec<DeviceRef> = self
+            .sent_roster
+            .iter()
+            .filter(|m| !present.contains(&(m.user_id.as_str(), m.device_id.as_str())))
+            .map(|m| DeviceRef {
+                user_id: m.user_id.clone(),
+                device_id: m.device_id.clone(),
+            })
+            .collect();
+        let epoch = self.epoch();
+        let update = (!changed.is_empty() || !gone.is_empty()).then(|| {
+            Arc::new(ServerMessage::RosterUpdate {
+                call_id: self.call_id.clone(),
+                epoch,
+                changed,
+                gone,
+            })
+        });
+        let mut whole = None;
+        let mut msgs = Vec::with_capacity(self.members.len());
+        for m in &mut self.members {
+            if !m.has_roster {
+                m.has_roster = true;
+                let w = whole.get_or_insert_with(|| {
+                    Arc::new(ServerMessage::Roster {
+                        call_id: self.call_id.clone(),
+                        epoch,
+                        members: now.clone(),
+                    })
+                });
+                msgs.push(out(m.session, w.clone()));
+            } else if let Some(u) = &update {
+                msgs.push(out(m.session, u.clone()));
+            }
+        }
+        self.sent_roster = now;
+        msgs
     }
 
     /// A session asks to join with a validated key package.
@@ -445,6 +495,7 @@ impl Call {
             publishing: Vec::new(),
             recorder: false,
             leaving: None,
+            has_roster: false,
         });
         let mut msgs = vec![out(
             session,
@@ -490,6 +541,7 @@ impl Call {
             publishing: Vec::new(),
             recorder: true,
             leaving: None,
+            has_roster: false,
         });
         vec![out(
             seat.session,
@@ -568,8 +620,7 @@ impl Call {
         if self.members.len() > 1 {
             self.batch_since.get_or_insert(now);
         }
-        let roster = self.roster();
-        Ok((self.to_all(&roster), events))
+        Ok((self.roster_out(), events))
     }
 
     /// A member (or joiner) leaves, by choice, removal or disconnection.
@@ -635,8 +686,7 @@ impl Call {
                 msgs.extend(self.start_creation(next, now));
             }
         }
-        let roster = self.roster();
-        msgs.extend(self.to_all(&roster));
+        msgs.extend(self.roster_out());
         Ok((msgs, events))
     }
 
@@ -693,8 +743,7 @@ impl Call {
 
         // Who is in the group now.
         let leaves = ds.members();
-        let leaf_of: std::collections::HashMap<&Principal, u32> =
-            leaves.iter().map(|(l, p)| (p, *l)).collect();
+        let leaf_of: HashMap<&Principal, u32> = leaves.iter().map(|(l, p)| (p, *l)).collect();
         let removed_any = before.iter().any(|p| !leaf_of.contains_key(p));
         let joiner_set: HashSet<SessionId> = joiners.iter().copied().collect();
         let mut added = Vec::new();
@@ -805,8 +854,7 @@ impl Call {
             waiting: self.in_group().map(|m| m.session).collect(),
             deadline: now + self.config.ack_timeout,
         });
-        let roster = self.roster();
-        msgs.extend(self.to_all(&roster));
+        msgs.extend(self.roster_out());
         // More changes may already be waiting.
         let (m, e) = self.tick(now);
         msgs.extend(m);
@@ -857,8 +905,7 @@ impl Call {
             .ok_or_else(|| Refusal::new(ErrorCode::NotFound, "not in this call"))?;
         m.audio_muted = audio;
         m.video_muted = video;
-        let roster = self.roster();
-        Ok((self.to_all(&roster), Vec::new()))
+        Ok((self.roster_out(), Vec::new()))
     }
 
     /// A member's source started reaching the SFU (`Some`), or its media
@@ -883,8 +930,7 @@ impl Call {
         if !changed {
             return Ok((Vec::new(), Vec::new()));
         }
-        let roster = self.roster();
-        Ok((self.to_all(&roster), Vec::new()))
+        Ok((self.roster_out(), Vec::new()))
     }
 
     /// When the call next needs [`Call::tick`].

@@ -138,6 +138,7 @@ pub fn message_kind(msg: &ServerMessage) -> &'static str {
         ServerMessage::Welcome { .. } => "welcome",
         ServerMessage::EpochReady { .. } => "epoch_ready",
         ServerMessage::Roster { .. } => "roster",
+        ServerMessage::RosterUpdate { .. } => "roster_update",
         ServerMessage::Removed { .. } => "removed",
         ServerMessage::MediaAnswer { .. } => "media_answer",
         ServerMessage::MediaClosed { .. } => "media_closed",

@@ -76,6 +76,62 @@ async fn members_share_epoch_roster_and_code() {
     }
 }
 
+/// After the whole roster on entering, members get only what changed: a
+/// mute toggle is one entry, a leave one `gone`; the roster each member
+/// builds from them matches the whole roster a newcomer gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roster_updates_carry_only_what_changed() {
+    let server = start(config()).await;
+    let alice = spawn_member(&server, "alice", "standup").await;
+    assert!(wait_for(LONG, || alice.status().epoch == Some(0)).await);
+    let bob = spawn_member(&server, "bob", "standup").await;
+    let carol = spawn_member(&server, "carol", "standup").await;
+    let mut all = vec![alice, bob, carol];
+    let epoch = settled(&all, LONG).await;
+
+    all[0]
+        .cmd
+        .send(Cmd::Raw(
+            r#"{"v":1,"type":"set_mute","call_id":"standup","audio":true,"video":false}"#.into(),
+        ))
+        .unwrap();
+    let alice_muted = |m: &ClientHandle| {
+        m.status()
+            .roster
+            .iter()
+            .any(|r| r.user_id == all[0].user && r.audio_muted)
+    };
+    assert!(wait_for(LONG, || all[1..].iter().all(alice_muted)).await);
+    for m in &all[1..] {
+        assert_eq!(m.status().roster_updates.last(), Some(&(1, 0)));
+    }
+
+    let carol = all.remove(2);
+    carol.cmd.send(Cmd::Leave).unwrap();
+    assert!(all_at(&all, epoch + 1, LONG).await);
+    assert!(wait_for(LONG, || all.iter().all(|m| m.status().roster_len == 2)).await);
+    assert!(
+        all[1]
+            .status()
+            .roster_updates
+            .iter()
+            .any(|&(_, gone)| gone == 1)
+    );
+
+    all.push(spawn_member(&server, "dave", "standup").await);
+    settled(&all, LONG).await;
+    let whole = all[2].status().roster;
+    assert_eq!(whole.len(), 3);
+    assert!(all[2].status().roster_updates.len() < all[1].status().roster_updates.len());
+    for m in &all[..2] {
+        let mut mine = m.status().roster;
+        let mut theirs = whole.clone();
+        mine.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+        theirs.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+        assert_eq!(mine, theirs, "{}'s roster from updates", m.user);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_are_refused() {
     let server = start(config()).await;

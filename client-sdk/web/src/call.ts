@@ -140,6 +140,23 @@ interface RosterWire {
   recorder?: boolean;
 }
 
+interface DeviceRefWire {
+  user_id: string;
+  device_id: string;
+}
+
+/** A `roster_update` applied to the roster held: `gone` leave, each `changed` entry replaces its device's or joins at the end. */
+function applyRosterUpdate(roster: RosterWire[], changed: RosterWire[], gone: DeviceRefWire[]): RosterWire[] {
+  const same = (a: DeviceRefWire, b: DeviceRefWire): boolean => a.user_id === b.user_id && a.device_id === b.device_id;
+  const out = roster.filter((r) => !gone.some((g) => same(r, g)));
+  for (const c of changed) {
+    const i = out.findIndex((r) => same(r, c));
+    if (i >= 0) out[i] = c;
+    else out.push(c);
+  }
+  return out;
+}
+
 type ServerMsg = { type: string; id?: number; call_id?: string; [k: string]: unknown };
 
 const AUDIO_SLOTS = 3;
@@ -391,6 +408,14 @@ export class CallClient {
       }
       case "roster":
         this.serverRoster = (m.members as RosterWire[]) ?? [];
+        this.emitRoster();
+        break;
+      case "roster_update":
+        this.serverRoster = applyRosterUpdate(
+          this.serverRoster,
+          (m.changed as RosterWire[] | undefined) ?? [],
+          (m.gone as DeviceRefWire[] | undefined) ?? [],
+        );
         this.emitRoster();
         break;
       case "active_speaker": {

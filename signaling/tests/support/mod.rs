@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use conclave_client::{AgentConfig, AgentEvent, Identity, MlsAgent, Principal};
 use conclave_protocol::mls::decode_signing_identity;
 use conclave_protocol::signal::{
-    Bytes, ClientEnvelope, ClientMessage, ErrorCode, ServerEnvelope, ServerMessage,
+    Bytes, ClientEnvelope, ClientMessage, ErrorCode, RosterMember, ServerEnvelope, ServerMessage,
+    apply_roster_update,
 };
 use conclave_signaling::auth::TokenKind;
 use conclave_signaling::sfu::NoSfu;
@@ -146,6 +147,10 @@ pub struct Status {
     pub media_closed: Vec<String>,
     pub key_packages_stored: Option<u32>,
     pub roster_recorders: usize,
+    /// The roster as this client holds it (from `roster` and `roster_update`s).
+    pub roster: Vec<RosterMember>,
+    /// Each `roster_update`: (entries changed, entries gone).
+    pub roster_updates: Vec<(usize, usize)>,
 }
 
 pub enum Cmd {
@@ -368,8 +373,16 @@ async fn run(
             }
             ServerMessage::Roster { members, .. } => {
                 let mut s = status.lock().unwrap();
-                s.roster_len = members.len();
-                s.roster_recorders = members.iter().filter(|m| m.recorder).count();
+                s.roster = members;
+                s.roster_len = s.roster.len();
+                s.roster_recorders = s.roster.iter().filter(|m| m.recorder).count();
+            }
+            ServerMessage::RosterUpdate { changed, gone, .. } => {
+                let mut s = status.lock().unwrap();
+                s.roster_updates.push((changed.len(), gone.len()));
+                apply_roster_update(&mut s.roster, changed, &gone);
+                s.roster_len = s.roster.len();
+                s.roster_recorders = s.roster.iter().filter(|m| m.recorder).count();
             }
             ServerMessage::KeyPackagesStored { stored, .. } => {
                 status.lock().unwrap().key_packages_stored = Some(stored);
