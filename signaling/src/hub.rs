@@ -275,6 +275,10 @@ impl Hub {
     fn push(&self, st: &HubState, session: SessionId, kind: &'static str, text: Utf8Bytes) {
         if let Some(e) = st.sessions.get(&session) {
             self.stats.messages_out.with_label_values(&[kind]).inc();
+            self.stats
+                .bytes_out
+                .with_label_values(&[kind])
+                .inc_by(text.len() as u64);
             if e.outbox.try_send(SessionFrame::Text(text)).is_err() {
                 let _ = e
                     .outbox

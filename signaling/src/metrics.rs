@@ -21,6 +21,8 @@ pub struct Metrics {
     pub messages_in: IntCounterVec,
     /// Server messages sent, by type.
     pub messages_out: IntCounterVec,
+    /// Bytes of server messages sent (encoded JSON), by type.
+    pub bytes_out: IntCounterVec,
     /// Errors returned, by code.
     pub errors: IntCounterVec,
     /// Seconds from the first queued membership change to the accepted commit.
@@ -59,6 +61,10 @@ impl Metrics {
             Opts::new("messages_out_total", "Server messages sent"),
             &["type"],
         )?;
+        let bytes_out = IntCounterVec::new(
+            Opts::new("bytes_out_total", "Bytes of server messages sent"),
+            &["type"],
+        )?;
         let errors = IntCounterVec::new(Opts::new("errors_total", "Errors returned"), &["code"])?;
         let commit_latency = Histogram::with_opts(
             HistogramOpts::new(
@@ -76,6 +82,7 @@ impl Metrics {
         registry.register(Box::new(participants.clone()))?;
         registry.register(Box::new(messages_in.clone()))?;
         registry.register(Box::new(messages_out.clone()))?;
+        registry.register(Box::new(bytes_out.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(commit_latency.clone()))?;
         registry.register(Box::new(rekey_fanout_bytes.clone()))?;
@@ -87,6 +94,7 @@ impl Metrics {
             participants,
             messages_in,
             messages_out,
+            bytes_out,
             errors,
             commit_latency,
             rekey_fanout_bytes,

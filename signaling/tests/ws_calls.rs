@@ -372,6 +372,25 @@ async fn a_storm_of_200_joins_is_batched_into_few_commits() {
     );
 }
 
+/// Bytes of every message the server has sent.
+fn bytes_out(server: &support::TestServer) -> u64 {
+    let out = &server.state.metrics.bytes_out;
+    [
+        "proposal",
+        "commit_request",
+        "commit",
+        "welcome",
+        "epoch_ready",
+        "roster",
+        "roster_update",
+        "removed",
+        "active_speaker",
+    ]
+    .iter()
+    .map(|k| out.with_label_values(&[*k]).get())
+    .sum()
+}
+
 /// Leaves and joins after a storm; prints, per leave, the time until every
 /// remaining member holds the new epoch and the MLS bytes the server fanned out.
 /// All clients share this machine's two cores, so the time includes every
@@ -382,6 +401,7 @@ async fn measure_rekey(n: usize, rounds: usize) {
     for round in 0..rounds {
         let epoch = settled(&members, LONG).await;
         let fanout_before = server.state.metrics.rekey_fanout_bytes.get_sample_sum();
+        let sent_before = bytes_out(&server);
         let leaver = members.remove((round * 37 + n / 2) % members.len());
         let t0 = Instant::now();
         leaver.cmd.send(Cmd::Leave).unwrap();
@@ -405,8 +425,19 @@ async fn measure_rekey(n: usize, rounds: usize) {
             .unwrap()
             .duration_since(t0);
         let fanout = server.state.metrics.rekey_fanout_bytes.get_sample_sum() - fanout_before;
+        // Everything the server sent for this leave, once every member is
+        // told the epoch is ready and has the roster without the leaver.
+        let n_left = members.len();
+        assert!(
+            wait_for(LONG, || members.iter().all(|m| {
+                let s = m.status();
+                s.ready_epoch == Some(epoch + 1) && s.roster_len == n_left
+            }))
+            .await
+        );
+        let sent = bytes_out(&server) - sent_before;
         println!(
-            "REKEY n={n} round={round}: leave -> first member holds epoch {}: {first_holds:?}, every member: {all_hold:?}; MLS bytes fanned out: {fanout} ({:.0} per member)",
+            "REKEY n={n} round={round}: leave -> first member holds epoch {}: {first_holds:?}, every member: {all_hold:?}; MLS bytes fanned out: {fanout} ({:.0} per member); all server messages for the leave: {sent} bytes",
             epoch + 1,
             fanout / (members.len() as f64),
         );
