@@ -325,11 +325,22 @@ impl MlsAgent {
     /// delivery service relays it back ([`MlsAgent::handle`]); if it loses to
     /// another commit, call [`MlsAgent::discard_pending_commit`].
     pub fn commit_pending(&mut self) -> Result<Option<CommitBundle>, AgentError> {
+        self.commit(false)
+    }
+
+    /// As [`MlsAgent::commit_pending`], but with nothing queued it makes an
+    /// empty commit: its update path refills this member's blank nodes in
+    /// the ratchet tree (the delivery service's `heal` request).
+    pub fn commit_heal(&mut self) -> Result<Option<CommitBundle>, AgentError> {
+        self.commit(true)
+    }
+
+    fn commit(&mut self, even_empty: bool) -> Result<Option<CommitBundle>, AgentError> {
         let group = self.group.as_mut().ok_or(AgentError::NotInGroup)?;
         if group.has_pending_commit() {
             return Err(AgentError::CommitPending);
         }
-        if !group.commit_required() {
+        if !even_empty && !group.commit_required() {
             return Ok(None);
         }
         let epoch = group.current_epoch();

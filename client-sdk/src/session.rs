@@ -641,9 +641,14 @@ fn react(
             Ok(_) => (Vec::new(), Vec::new()),
             Err(e) => (Vec::new(), vec![mls_failure("proposal", &e)]),
         },
-        ServerMessage::CommitRequest { epoch, .. } if agent.epoch() == Some(epoch) => {
+        ServerMessage::CommitRequest { epoch, heal, .. } if agent.epoch() == Some(epoch) => {
             agent.discard_pending_commit();
-            match agent.commit_pending() {
+            let built = if heal {
+                agent.commit_heal()
+            } else {
+                agent.commit_pending()
+            };
+            match built {
                 Ok(Some(b)) => (
                     vec![ClientMessage::Commit {
                         call_id: call(),

@@ -460,14 +460,19 @@ async fn run_inner(
                     tracing::debug!(participant = id, error = %e, "proposal refused");
                 }
             }
-            ServerMessage::CommitRequest { epoch, .. } => {
+            ServerMessage::CommitRequest { epoch, heal, .. } => {
                 let bundle = {
                     let mut a = lock(&agent);
                     if a.epoch() != Some(epoch) {
                         None
                     } else {
                         a.discard_pending_commit();
-                        a.commit_pending().map_err(|e| mls(&e))?
+                        let built = if heal {
+                            a.commit_heal()
+                        } else {
+                            a.commit_pending()
+                        };
+                        built.map_err(|e| mls(&e))?
                     }
                 };
                 if let Some(b) = bundle {

@@ -306,6 +306,12 @@ pub enum ServerMessage {
         call_id: String,
         /// The epoch to commit in.
         epoch: u64,
+        /// Commit even with nothing queued: an empty commit whose update
+        /// path refills your blank ratchet-tree nodes, so later commits stay
+        /// small (the server heals the tree this way while a large call is
+        /// quiet).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        heal: bool,
     },
     /// The accepted commit that moves the group from `epoch` to `epoch + 1`.
     Commit {

@@ -42,7 +42,21 @@ pub struct CallConfig {
     pub ack_timeout: Duration,
     /// How long the first member has to upload its GroupInfo.
     pub create_timeout: Duration,
+    /// How long a call of at least [`HEAL_MIN_MEMBERS`] must be quiet (the
+    /// epoch ready, nothing queued) before the server asks a member with a
+    /// blank path to heal the ratchet tree; `None` never heals.
+    pub heal_after: Option<Duration>,
 }
+
+/// Calls smaller than this are not healed: their commits are small anyway.
+pub const HEAL_MIN_MEMBERS: usize = 16;
+
+/// Healing stops once every run of `1 << HEAL_UNIT_BITS` adjacent leaves has
+/// a member whose path is set: that fills every parent node from three levels
+/// above the leaves up, so a commit encrypts to at most 7 leaves below that
+/// and one node per level above (at 500 members, about 13 HPKE ciphertexts
+/// instead of up to 499), for about N/8 healing commits after a join storm.
+const HEAL_UNIT_BITS: u32 = 3;
 
 impl Default for CallConfig {
     fn default() -> Self {
@@ -52,6 +66,7 @@ impl Default for CallConfig {
             commit_timeout: Duration::from_secs(5),
             ack_timeout: Duration::from_secs(2),
             create_timeout: Duration::from_secs(10),
+            heal_after: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -129,6 +144,8 @@ pub enum CallEvent {
         members: usize,
         /// The commit removed members.
         removed: bool,
+        /// An empty commit that healed the ratchet tree.
+        healed: bool,
     },
     /// A session is no longer in the call and should be told so.
     SessionLeft(SessionId),
@@ -199,6 +216,8 @@ enum Phase {
         joiners: Vec<SessionId>,
         leavers: Vec<SessionId>,
         removed_leaf: Option<u32>,
+        /// An empty commit to heal the tree, not a batch.
+        heal: bool,
     },
 }
 
@@ -232,6 +251,11 @@ pub struct Call {
     filled: HashSet<u32>,
     /// The roster as last sent: `roster_update`s carry what differs from it.
     sent_roster: Vec<RosterMember>,
+    /// Since when nothing has been queued or in flight (the last epoch
+    /// ready); `None` while anything is.
+    quiet_since: Option<Instant>,
+    /// Sessions that did not answer a heal request: not asked again.
+    heal_refused: HashSet<SessionId>,
 }
 
 impl std::fmt::Debug for Call {
@@ -299,6 +323,8 @@ impl Call {
             commits: 0,
             filled: HashSet::new(),
             sent_roster: Vec::new(),
+            quiet_since: None,
+            heal_refused: HashSet::new(),
         }
     }
 
@@ -837,6 +863,7 @@ impl Call {
         }
 
         let fanout: usize = msgs.iter().map(|o| message_len(&o.msg)).sum();
+        let healed = matches!(self.phase, Phase::Committing { heal: true, .. });
         events.push(CallEvent::EpochChanged {
             epoch: new_epoch,
             commit_latency: self
@@ -845,6 +872,7 @@ impl Call {
             fanout_bytes: fanout,
             members: self.in_group().count(),
             removed: removed_any,
+            healed,
         });
         self.batch_started = None;
         self.phase = Phase::Idle;
@@ -863,7 +891,7 @@ impl Call {
     }
 
     /// A member holds `epoch`.
-    pub fn epoch_ack(&mut self, session: SessionId, epoch: u64) -> Step {
+    pub fn epoch_ack(&mut self, session: SessionId, epoch: u64, now: Instant) -> Step {
         let done = match &mut self.acks {
             Some(w) if epoch >= w.epoch => {
                 w.waiting.remove(&session);
@@ -872,15 +900,16 @@ impl Call {
             _ => false,
         };
         if done {
-            return Ok(self.epoch_ready());
+            return Ok(self.epoch_ready(now));
         }
         Ok((Vec::new(), Vec::new()))
     }
 
-    fn epoch_ready(&mut self) -> (Vec<Outbound>, Vec<CallEvent>) {
+    fn epoch_ready(&mut self, now: Instant) -> (Vec<Outbound>, Vec<CallEvent>) {
         let Some(w) = self.acks.take() else {
             return (Vec::new(), Vec::new());
         };
+        self.quiet_since = Some(now);
         let msg = Arc::new(ServerMessage::EpochReady {
             call_id: self.call_id.clone(),
             epoch: w.epoch,
@@ -959,7 +988,8 @@ impl Call {
             _ => None,
         };
         let ack = self.acks.as_ref().map(|a| a.deadline);
-        [batch, phase, ack].into_iter().flatten().min()
+        let heal = self.heal_due_at();
+        [batch, phase, ack, heal].into_iter().flatten().min()
     }
 
     /// Runs timers: starts a batch commit, replaces a silent committer or
@@ -968,7 +998,7 @@ impl Call {
         let mut msgs = Vec::new();
         let mut events = Vec::new();
         if self.acks.as_ref().is_some_and(|a| now >= a.deadline) {
-            let (m, e) = self.epoch_ready();
+            let (m, e) = self.epoch_ready(now);
             msgs.extend(m);
             events.extend(e);
         }
@@ -984,9 +1014,10 @@ impl Call {
                 msgs.extend(self.redesignate(now));
             }
             Phase::Idle => {
-                let due = self.batch_due_at().is_some_and(|t| now >= t);
-                if due {
+                if self.batch_due_at().is_some_and(|t| now >= t) {
                     msgs.extend(self.start_commit(now));
+                } else if self.heal_due_at().is_some_and(|t| now >= t) {
+                    msgs.extend(self.start_heal(now));
                 }
             }
             _ => {}
@@ -1106,7 +1137,11 @@ impl Call {
         }
         msgs.push(out(
             committer,
-            ServerMessage::CommitRequest { call_id, epoch },
+            ServerMessage::CommitRequest {
+                call_id,
+                epoch,
+                heal: false,
+            },
         ));
         self.phase = Phase::Committing {
             epoch,
@@ -1116,8 +1151,78 @@ impl Call {
             joiners: accepted_joiners,
             leavers: leavers.into_iter().map(|(s, _)| s).collect(),
             removed_leaf: first_removed,
+            heal: false,
         };
+        self.quiet_since = None;
         msgs
+    }
+
+    /// The member to heal the tree next, if it needs it: the call is large
+    /// enough, and some run of adjacent leaves has nobody whose path is set.
+    /// Runs are taken in bit-reversed order, so the top of the tree fills
+    /// first.
+    fn heal_committer(&self) -> Option<SessionId> {
+        let members: Vec<(u32, SessionId)> = self
+            .in_group()
+            .filter(|m| m.leaving.is_none())
+            .filter_map(|m| m.leaf.map(|l| (l, m.session)))
+            .collect();
+        if members.len() < HEAL_MIN_MEMBERS {
+            return None;
+        }
+        let covered: HashSet<u32> = self.filled.iter().map(|l| l >> HEAL_UNIT_BITS).collect();
+        let width_bits = members
+            .iter()
+            .map(|(l, _)| l >> HEAL_UNIT_BITS)
+            .max()
+            .map_or(1, |u| (u32::BITS - u.leading_zeros()).max(1));
+        let spread = |unit: u32| unit.reverse_bits() >> (u32::BITS - width_bits);
+        members
+            .iter()
+            .filter(|(l, s)| {
+                !covered.contains(&(l >> HEAL_UNIT_BITS)) && !self.heal_refused.contains(s)
+            })
+            .min_by_key(|(l, _)| (spread(l >> HEAL_UNIT_BITS), *l))
+            .map(|(_, s)| *s)
+    }
+
+    /// When the quiet call is due to heal the tree.
+    fn heal_due_at(&self) -> Option<Instant> {
+        let after = self.config.heal_after?;
+        let since = self.quiet_since?;
+        if !matches!(self.phase, Phase::Idle) || self.batch_since.is_some() || self.acks.is_some() {
+            return None;
+        }
+        self.heal_committer().map(|_| since + after)
+    }
+
+    /// Asks one member for an empty commit that refills its path.
+    fn start_heal(&mut self, now: Instant) -> Vec<Outbound> {
+        let (Some(committer), Some(ds)) = (self.heal_committer(), self.ds.as_ref()) else {
+            self.quiet_since = None;
+            return Vec::new();
+        };
+        let epoch = ds.epoch();
+        self.quiet_since = None;
+        self.batch_started = Some(now);
+        self.phase = Phase::Committing {
+            epoch,
+            committer,
+            deadline: now + self.config.commit_timeout,
+            tried: vec![committer],
+            joiners: Vec::new(),
+            leavers: Vec::new(),
+            removed_leaf: None,
+            heal: true,
+        };
+        vec![out(
+            committer,
+            ServerMessage::CommitRequest {
+                call_id: self.call_id.clone(),
+                epoch,
+                heal: true,
+            },
+        )]
     }
 
     /// Asks the next member to commit the same proposals.
@@ -1126,11 +1231,21 @@ impl Call {
             epoch,
             tried,
             removed_leaf,
+            heal,
+            committer,
             ..
         } = &self.phase
         else {
             return Vec::new();
         };
+        if *heal {
+            // Healing is optional: a member that does not answer is not
+            // asked again, and the call carries on as it is.
+            self.heal_refused.insert(*committer);
+            self.phase = Phase::Idle;
+            self.quiet_since = Some(now);
+            return Vec::new();
+        }
         let (epoch, tried, removed) = (*epoch, tried.clone(), *removed_leaf);
         let Some(next) = self.pick_committer(&tried, removed) else {
             // Nobody answered: start over with a fresh batch later.
@@ -1154,6 +1269,7 @@ impl Call {
             ServerMessage::CommitRequest {
                 call_id: self.call_id.clone(),
                 epoch,
+                heal: false,
             },
         )]
     }

@@ -499,7 +499,9 @@ impl Hub {
                 id,
                 call.commit(session, epoch, &commit, welcome.as_deref(), now),
             ),
-            CallInput::Ack { session, epoch } => (session, None, call.epoch_ack(session, epoch)),
+            CallInput::Ack { session, epoch } => {
+                (session, None, call.epoch_ack(session, epoch, now))
+            }
             CallInput::Mute {
                 session,
                 id,
@@ -572,7 +574,11 @@ impl Hub {
                     fanout_bytes,
                     members,
                     removed,
+                    healed,
                 } => {
+                    if healed {
+                        self.stats.heal_commits.inc();
+                    }
                     self.stats
                         .commit_latency
                         .observe(commit_latency.as_secs_f64());

@@ -2,7 +2,8 @@
 
 use conclave_protocol::signal::{ClientMessage, ErrorCode, ServerMessage};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every signaling metric.
@@ -29,6 +30,8 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     /// Bytes of MLS handshake fanned out per rekey.
     pub rekey_fanout_bytes: Histogram,
+    /// Empty commits the server asked for to heal a ratchet tree.
+    pub heal_commits: IntCounter,
 }
 
 impl Metrics {
@@ -86,6 +89,11 @@ impl Metrics {
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(commit_latency.clone()))?;
         registry.register(Box::new(rekey_fanout_bytes.clone()))?;
+        let heal_commits = IntCounter::new(
+            "tree_heal_commits_total",
+            "Empty commits asked for to refill blank ratchet-tree paths",
+        )?;
+        registry.register(Box::new(heal_commits.clone()))?;
         Ok(Self {
             registry,
             extra: std::sync::RwLock::new(Vec::new()),
@@ -98,6 +106,7 @@ impl Metrics {
             errors,
             commit_latency,
             rekey_fanout_bytes,
+            heal_commits,
         })
     }
 

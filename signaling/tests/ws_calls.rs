@@ -355,6 +355,9 @@ async fn storm(
 async fn a_storm_of_200_joins_is_batched_into_few_commits() {
     let server = start(CallConfig {
         batch_window: Duration::from_millis(500),
+        // Counts the commits the joins cost; healing the tree afterwards
+        // is measured on its own.
+        heal_after: None,
         ..CallConfig::default()
     })
     .await;
@@ -369,6 +372,87 @@ async fn a_storm_of_200_joins_is_batched_into_few_commits() {
         members
             .iter()
             .all(|m| m.status().epoch_code.as_deref() == Some(code.as_str()))
+    );
+}
+
+/// Waits until no member has seen a commit for `quiet` (the call is done
+/// healing); returns how many commits the first member saw meanwhile.
+async fn until_quiet(members: &[ClientHandle], quiet: Duration) -> u64 {
+    let start = members[0].status().commits_seen;
+    let mut last = start;
+    let mut since = Instant::now();
+    while since.elapsed() < quiet {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = members[0].status().commits_seen;
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+    }
+    last - start
+}
+
+/// The MLS bytes per remaining member of one leave's commit.
+async fn leave_fanout(
+    server: &support::TestServer,
+    members: &mut Vec<ClientHandle>,
+    at: usize,
+) -> f64 {
+    let epoch = settled(members, LONG).await;
+    let before = server.state.metrics.rekey_fanout_bytes.get_sample_sum();
+    members.remove(at).cmd.send(Cmd::Leave).unwrap();
+    assert!(all_at(members, epoch + 1, LONG).await);
+    (server.state.metrics.rekey_fanout_bytes.get_sample_sum() - before) / members.len() as f64
+}
+
+/// After a join storm almost every parent node of the ratchet tree is
+/// blank, so a commit encrypts to many leaves. Once the call is quiet the
+/// server has members with blank paths make empty commits until every run
+/// of 8 leaves has a set path; the same leaves then cost much smaller commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_large_call_heals_its_tree_and_commits_shrink() {
+    let n = 64;
+    let mut per_member = Vec::new();
+    for heal in [false, true] {
+        let server = start(CallConfig {
+            batch_window: Duration::from_millis(100),
+            heal_after: heal.then_some(Duration::from_millis(100)),
+            ..CallConfig::default()
+        })
+        .await;
+        let (mut members, _) = storm(&server, "big", n).await;
+        let heal_commits = until_quiet(&members, Duration::from_secs(2)).await;
+        assert_eq!(
+            server.state.metrics.heal_commits.get(),
+            heal_commits,
+            "every commit after the storm is a heal"
+        );
+        if heal {
+            assert!(
+                (1..=(n as u64) / 8).contains(&heal_commits),
+                "{heal_commits} heal commits"
+            );
+        } else {
+            assert_eq!(heal_commits, 0);
+        }
+        // The same three leaves go in both runs.
+        let mut bytes = 0.0;
+        for at in [5, 30, 50] {
+            bytes += leave_fanout(&server, &mut members, at).await;
+        }
+        for m in &members {
+            assert!(m.status().errors.is_empty(), "{:?}", m.status().errors);
+        }
+        println!(
+            "heal={heal}: {heal_commits} heal commits; three leaves cost {bytes:.0} MLS bytes per member"
+        );
+        per_member.push(bytes);
+    }
+    assert!(
+        per_member[1] < per_member[0] * 0.75,
+        "healed {} vs unhealed {}",
+        per_member[1],
+        per_member[0]
     );
 }
 
@@ -398,7 +482,16 @@ fn bytes_out(server: &support::TestServer) -> u64 {
 async fn measure_rekey(n: usize, rounds: usize) {
     let server = start(config()).await;
     let (mut members, _) = storm(&server, "rekey", n).await;
+    let healing = Instant::now();
+    let heal_bytes_before = bytes_out(&server);
+    let heals = until_quiet(&members, Duration::from_secs(4)).await;
+    println!(
+        "HEAL n={n}: {heals} heal commits after the storm, quiet {:?} later (4 s of it waiting), {} bytes sent",
+        healing.elapsed(),
+        bytes_out(&server) - heal_bytes_before
+    );
     for round in 0..rounds {
+        until_quiet(&members, Duration::from_secs(3)).await;
         let epoch = settled(&members, LONG).await;
         let fanout_before = server.state.metrics.rekey_fanout_bytes.get_sample_sum();
         let sent_before = bytes_out(&server);

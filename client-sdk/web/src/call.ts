@@ -374,7 +374,7 @@ export class CallClient {
       case "commit_request": {
         if (agent.epoch !== BigInt(Number(m.epoch))) break;
         agent.discardPendingCommit();
-        const b = await agent.commitPending();
+        const b = await agent.commitPending(m.heal === true);
         if (b) {
           const fields: Record<string, unknown> = { call_id: this.options.callId, epoch: Number(b.epoch), commit: b64(b.commit) };
           if (b.welcome) fields.welcome = b64(b.welcome);

@@ -537,16 +537,19 @@ export class MlsAgent {
 
   /**
    * As the designated committer (`commit_request`): commits every queued
-   * proposal by reference. `null` when nothing is queued. The commit takes
+   * proposal by reference. `null` when nothing is queued, unless `heal`
+   * (the server's request to refill this member's path). The commit takes
    * effect when the server relays it back through `handle`; if it loses
    * (`stale_epoch`, `not_committer`), call `discardPendingCommit`.
    */
-  commitPending(): Promise<CommitBundle | null> {
+  commitPending(heal = false): Promise<CommitBundle | null> {
     return this.serial(async () => {
       const state = this.state;
       if (!state) throw new MlsAgentError("NotInGroup");
       if (this.pending) throw new MlsAgentError("CommitPending");
-      if (Object.keys(state.unappliedProposals).length === 0) return null;
+      // With nothing queued, a heal request gets an empty commit: its update
+      // path refills this member's blank nodes in the ratchet tree.
+      if (Object.keys(state.unappliedProposals).length === 0 && !heal) return null;
       let res: Awaited<ReturnType<typeof createCommit>>;
       try {
         res = await createCommit(

@@ -144,6 +144,16 @@ test("create, add by external proposal, commit, join; remove; keys agree", async
 
   // Earlier epochs stay until their retention runs out (purged on use).
   assert.deepEqual(alice.keyRing.liveEpochs().slice(0, 2), [2n, 1n]);
+
+  // The server asks Alice to heal the tree: nothing is queued, and the
+  // empty commit moves both members to a new epoch (its update path).
+  assert.equal(await alice.commitPending(), null);
+  const heal = await alice.commitPending(true);
+  assert.equal(heal.epoch, 2n);
+  assert.equal(heal.welcome, undefined);
+  assert.deepEqual(await alice.handle(heal.commit), [{ type: "epochChanged", epoch: 3n, added: [], removed: [] }]);
+  assert.deepEqual(await carol.handle(heal.commit), [{ type: "epochChanged", epoch: 3n, added: [], removed: [] }]);
+  await assertSameEpoch([alice, carol]);
 });
 
 test("refusals leave the agent unchanged", async () => {

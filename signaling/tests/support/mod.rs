@@ -332,10 +332,15 @@ async fn run(
                     client_error(&status, format!("proposal: {e}"));
                 }
             }
-            ServerMessage::CommitRequest { epoch, .. } => {
+            ServerMessage::CommitRequest { epoch, heal, .. } => {
                 if agent.epoch() == Some(epoch) {
                     agent.discard_pending_commit();
-                    match agent.commit_pending() {
+                    let built = if heal {
+                        agent.commit_heal()
+                    } else {
+                        agent.commit_pending()
+                    };
+                    match built {
                         Ok(Some(b)) => {
                             reply.push(ClientMessage::Commit {
                                 call_id: call.clone(),
