@@ -156,6 +156,10 @@ pub struct MlsAgent {
     group: Option<Group<MlsConfig>>,
     config: AgentConfig,
     crypto: CallCrypto,
+    /// The current epoch's members (leaf index, signature key), in leaf
+    /// order: a commit's roster change is diffed against it, so the roster
+    /// is walked once per epoch (at 500 members each walk clones 500 leaves).
+    leaves: Vec<(u32, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for MlsAgent {
@@ -186,6 +190,7 @@ impl MlsAgent {
                 layout: config.layout,
                 retention: config.retention,
             }),
+            leaves: Vec::new(),
         }
     }
 
@@ -282,6 +287,7 @@ impl MlsAgent {
             members,
         };
         self.crypto.install(secret, leaf, now);
+        self.leaves = leaves;
         Ok(epoch)
     }
 
@@ -290,14 +296,20 @@ impl MlsAgent {
     pub fn handle(&mut self, message: &[u8], now: Instant) -> Result<Vec<AgentEvent>, AgentError> {
         let msg = decode(message)?;
         let group = self.group.as_mut().ok_or(AgentError::NotInGroup)?;
-        let before = leaf_keys(group);
         match group.process_incoming_message(msg)? {
             ReceivedMessage::Proposal(_) => Ok(vec![AgentEvent::ProposalQueued]),
             ReceivedMessage::Commit(desc) => match desc.effect {
                 CommitEffect::NewEpoch(_) => {
                     self.persist()?;
-                    let epoch = self.install_current_epoch(now)?;
-                    let (added, removed) = roster_change(&before, &leaf_keys(self.group()?));
+                    let before = std::mem::take(&mut self.leaves);
+                    let epoch = match self.install_current_epoch(now) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            self.leaves = before;
+                            return Err(e);
+                        }
+                    };
+                    let (added, removed) = roster_change(&before, &self.leaves);
                     Ok(vec![AgentEvent::EpochChanged {
                         epoch,
                         added,
@@ -307,6 +319,7 @@ impl MlsAgent {
                 CommitEffect::Removed { .. } => {
                     self.group = None;
                     self.crypto.clear();
+                    self.leaves.clear();
                     Ok(vec![AgentEvent::Removed])
                 }
                 CommitEffect::ReInit(_) => Err(AgentError::UnexpectedMessage("reinit")),

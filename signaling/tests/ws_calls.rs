@@ -124,8 +124,8 @@ async fn roster_updates_carry_only_what_changed() {
     assert_eq!(whole.len(), 3);
     assert!(all[2].status().roster_updates.len() < all[1].status().roster_updates.len());
     for m in &all[..2] {
-        let mut mine = m.status().roster;
-        let mut theirs = whole.clone();
+        let mut mine = (*m.status().roster).clone();
+        let mut theirs = (*whole).clone();
         mine.sort_by(|a, b| a.user_id.cmp(&b.user_id));
         theirs.sort_by(|a, b| a.user_id.cmp(&b.user_id));
         assert_eq!(mine, theirs, "{}'s roster from updates", m.user);

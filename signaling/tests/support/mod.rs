@@ -147,8 +147,9 @@ pub struct Status {
     pub media_closed: Vec<String>,
     pub key_packages_stored: Option<u32>,
     pub roster_recorders: usize,
-    /// The roster as this client holds it (from `roster` and `roster_update`s).
-    pub roster: Vec<RosterMember>,
+    /// The roster as this client holds it (from `roster` and `roster_update`s);
+    /// shared, so that polling a 500-member call's statuses stays cheap.
+    pub roster: Arc<Vec<RosterMember>>,
     /// Each `roster_update`: (entries changed, entries gone).
     pub roster_updates: Vec<(usize, usize)>,
 }
@@ -378,14 +379,14 @@ async fn run(
             }
             ServerMessage::Roster { members, .. } => {
                 let mut s = status.lock().unwrap();
-                s.roster = members;
+                s.roster = Arc::new(members);
                 s.roster_len = s.roster.len();
                 s.roster_recorders = s.roster.iter().filter(|m| m.recorder).count();
             }
             ServerMessage::RosterUpdate { changed, gone, .. } => {
                 let mut s = status.lock().unwrap();
                 s.roster_updates.push((changed.len(), gone.len()));
-                apply_roster_update(&mut s.roster, changed, &gone);
+                apply_roster_update(Arc::make_mut(&mut s.roster), changed, &gone);
                 s.roster_len = s.roster.len();
                 s.roster_recorders = s.roster.iter().filter(|m| m.recorder).count();
             }
