@@ -54,14 +54,19 @@ async fn all_at(members: &[ClientHandle], epoch: u64, limit: Duration) -> bool {
     .await
 }
 
+/// Alice creates `call`; Bob and Carol join it.
+async fn alice_bob_and_carol(server: &support::TestServer, call: &str) -> Vec<ClientHandle> {
+    let alice = spawn_member(server, "alice", call).await;
+    assert!(wait_for(LONG, || alice.status().epoch == Some(0)).await);
+    let bob = spawn_member(server, "bob", call).await;
+    let carol = spawn_member(server, "carol", call).await;
+    vec![alice, bob, carol]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_share_epoch_roster_and_code() {
     let server = start(config()).await;
-    let alice = spawn_member(&server, "alice", "standup").await;
-    assert!(wait_for(LONG, || alice.status().epoch == Some(0)).await);
-    let bob = spawn_member(&server, "bob", "standup").await;
-    let carol = spawn_member(&server, "carol", "standup").await;
-    let all = [alice, bob, carol];
+    let all = alice_bob_and_carol(&server, "standup").await;
     assert!(
         all_at(&all, 1, LONG).await,
         "{:?}",
@@ -82,11 +87,7 @@ async fn members_share_epoch_roster_and_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roster_updates_carry_only_what_changed() {
     let server = start(config()).await;
-    let alice = spawn_member(&server, "alice", "standup").await;
-    assert!(wait_for(LONG, || alice.status().epoch == Some(0)).await);
-    let bob = spawn_member(&server, "bob", "standup").await;
-    let carol = spawn_member(&server, "carol", "standup").await;
-    let mut all = vec![alice, bob, carol];
+    let mut all = alice_bob_and_carol(&server, "standup").await;
     let epoch = settled(&all, LONG).await;
 
     all[0]
