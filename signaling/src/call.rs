@@ -288,6 +288,14 @@ impl Refusal {
 
 type Step = Result<(Vec<Outbound>, Vec<CallEvent>), Refusal>;
 
+/// An order over `0..=max` that visits the tree top-down: each value's bits
+/// reversed within the width of `max` (0, 4, 2, 6, 1, … for max 7), so
+/// successive picks land in different halves, then quarters, and so on.
+fn bit_reversal(max: Option<u32>) -> impl Fn(u32) -> u32 {
+    let width = max.map_or(1, |m| (u32::BITS - m.leading_zeros()).max(1));
+    move |v: u32| v.reverse_bits() >> (u32::BITS - width)
+}
+
 fn out(to: SessionId, msg: impl Into<Arc<ServerMessage>>) -> Outbound {
     Outbound {
         to,
@@ -1048,16 +1056,11 @@ impl Call {
                 .min_by_key(|m| leaf(m) ^ r)
                 .map(|m| m.session);
         }
-        let width_bits = candidates
-            .iter()
-            .filter_map(|m| m.leaf)
-            .max()
-            .map_or(1, |l| (u32::BITS - l.leading_zeros()).max(1));
-        let spread = |leaf: u32| leaf.reverse_bits() >> (u32::BITS - width_bits);
+        let spread = bit_reversal(candidates.iter().filter_map(|m| m.leaf).max());
         candidates
             .iter()
             .filter(|m| m.leaf.is_some_and(|l| !self.filled.contains(&l)))
-            .min_by_key(|m| m.leaf.map(spread))
+            .min_by_key(|m| m.leaf.map(&spread))
             .or(candidates.first())
             .map(|m| m.session)
     }
@@ -1171,12 +1174,7 @@ impl Call {
             return None;
         }
         let covered: HashSet<u32> = self.filled.iter().map(|l| l >> HEAL_UNIT_BITS).collect();
-        let width_bits = members
-            .iter()
-            .map(|(l, _)| l >> HEAL_UNIT_BITS)
-            .max()
-            .map_or(1, |u| (u32::BITS - u.leading_zeros()).max(1));
-        let spread = |unit: u32| unit.reverse_bits() >> (u32::BITS - width_bits);
+        let spread = bit_reversal(members.iter().map(|(l, _)| l >> HEAL_UNIT_BITS).max());
         members
             .iter()
             .filter(|(l, s)| {
@@ -1272,5 +1270,20 @@ impl Call {
                 heal: false,
             },
         )]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bit_reversal;
+
+    #[test]
+    fn bit_reversal_visits_halves_then_quarters() {
+        let order = bit_reversal(Some(7));
+        let mut leaves: Vec<u32> = (0..8).collect();
+        leaves.sort_by_key(|l| order(*l));
+        assert_eq!(leaves, [0, 4, 2, 6, 1, 5, 3, 7]);
+        assert_eq!(bit_reversal(None)(0), 0);
+        assert_eq!(bit_reversal(Some(0))(0), 0);
     }
 }
