@@ -71,10 +71,6 @@ fn dense_group(n: usize) -> (Group<MlsConfig>, Group<MlsConfig>) {
         } else {
             live.push(joined);
         }
-        // Bounded prior-epoch storage, as the agent keeps it.
-        for g in &mut live {
-            g.write_to_storage_without_ratchet_tree().unwrap();
-        }
     }
     let g1 = live.swap_remove(1);
     (live.swap_remove(0), g1)
@@ -139,8 +135,6 @@ fn bench_shape(
     grp.bench_function("remove_commit_process", |b| {
         b.iter_batched(
             || (g1.clone(), remove.clone()),
-            // (The agent then writes to the bounded storage; that storage is
-            // shared by clones, so the bench leaves it out.)
             |(mut g, m)| black_box(g.process_incoming_message(m).unwrap()),
             BatchSize::LargeInput,
         )

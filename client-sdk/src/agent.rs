@@ -22,8 +22,8 @@ use mls_rs::extension::built_in::ExternalSendersExt;
 use mls_rs::group::{CommitEffect, ReceivedMessage};
 use mls_rs::identity::SigningIdentity;
 use mls_rs::mls_rules::{CommitOptions, DefaultMlsRules};
-use mls_rs::storage_provider::in_memory::InMemoryGroupStateStorage;
 use mls_rs::{Client, ExtensionList, Group, MlsMessage};
+use mls_rs_core::group::{EpochRecord, GroupState, GroupStateStorage};
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
 use zeroize::Zeroizing;
 
@@ -37,7 +37,7 @@ pub const SFRAME_EXPORTER_LABEL: &[u8] = b"SFrame 1.0 Base Key";
 
 /// mls-rs configuration used by every Conclave member.
 pub type MlsConfig = WithGroupStateStorage<
-    InMemoryGroupStateStorage,
+    NoGroupStateStorage,
     WithMlsRules<
         DefaultMlsRules,
         WithCryptoProvider<
@@ -61,19 +61,51 @@ pub fn mls_client(identity: &Identity) -> Client<MlsConfig> {
             DefaultMlsRules::new()
                 .with_commit_options(CommitOptions::new().with_path_required(true)),
         )
-        // Keep one prior epoch only: nothing here reads older MLS epochs, and
-        // their secrets should not outlive them.
-        .group_state_storage(
-            InMemoryGroupStateStorage::new()
-                .with_max_epoch_retention(1)
-                .unwrap_or_else(|_| InMemoryGroupStateStorage::new()),
-        )
+        .group_state_storage(NoGroupStateStorage)
         .signing_identity(
             identity.signing_identity().clone(),
             identity.secret().clone(),
             MLS_SUITE,
         )
         .build()
+}
+
+/// Group state storage that keeps nothing.
+///
+/// An agent's group lives in memory for one call and is never restored from
+/// storage, so a serialized copy of it would only be one more place where an
+/// epoch's secrets outlive the epoch. (mls-rs is built without `prior_epoch`,
+/// so it keeps no past epochs either.)
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoGroupStateStorage;
+
+impl GroupStateStorage for NoGroupStateStorage {
+    type Error = std::convert::Infallible;
+
+    fn state(&self, _group_id: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, Self::Error> {
+        Ok(None)
+    }
+
+    fn epoch(
+        &self,
+        _group_id: &[u8],
+        _epoch_id: u64,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, Self::Error> {
+        Ok(None)
+    }
+
+    fn write(
+        &mut self,
+        _state: GroupState,
+        _epoch_inserts: Vec<EpochRecord>,
+        _epoch_updates: Vec<EpochRecord>,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn max_epoch_id(&self, _group_id: &[u8]) -> Result<Option<u64>, Self::Error> {
+        Ok(None)
+    }
 }
 
 /// Settings of an agent.
@@ -209,6 +241,12 @@ impl MlsAgent {
         Ok(kp.to_bytes()?)
     }
 
+    /// How many key packages this device still holds the private keys of:
+    /// those handed out and not yet used by a Welcome.
+    pub fn unused_key_packages(&self) -> usize {
+        self.client.key_package_store().key_packages().len()
+    }
+
     /// Creates the call's group, naming the server as its only external sender.
     pub fn create_group(
         &mut self,
@@ -248,15 +286,16 @@ impl MlsAgent {
     }
 
     fn enter_current_epoch(&mut self, now: Instant) -> Result<Vec<AgentEvent>, AgentError> {
-        self.persist()?;
+        self.forget_key_package()?;
         let epoch = self.install_current_epoch(now)?;
         self.crypto.switch_sending(epoch)?;
         Ok(vec![AgentEvent::Joined { epoch }])
     }
 
-    /// Hands the epochs mls-rs keeps in memory to the (bounded) state
-    /// storage; without this every prior epoch would accumulate.
-    fn persist(&mut self) -> Result<(), AgentError> {
+    /// After a join: mls-rs deletes the private keys of the key package the
+    /// Welcome used when the group is written to storage (which keeps
+    /// nothing, [`NoGroupStateStorage`]). Later epochs need no write.
+    fn forget_key_package(&mut self) -> Result<(), AgentError> {
         if let Some(g) = self.group.as_mut() {
             g.write_to_storage_without_ratchet_tree()?;
         }
@@ -300,7 +339,6 @@ impl MlsAgent {
             ReceivedMessage::Proposal(_) => Ok(vec![AgentEvent::ProposalQueued]),
             ReceivedMessage::Commit(desc) => match desc.effect {
                 CommitEffect::NewEpoch(_) => {
-                    self.persist()?;
                     let before = std::mem::take(&mut self.leaves);
                     let epoch = match self.install_current_epoch(now) {
                         Ok(e) => e,

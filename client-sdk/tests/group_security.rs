@@ -241,6 +241,37 @@ fn removed_member_cannot_decrypt_the_new_epoch() {
 }
 
 #[test]
+fn a_joiner_drops_its_key_package_secrets() {
+    let mut call = Call::new(3);
+    let joiner = agent(3);
+    let kp = joiner.key_package().unwrap();
+    assert_eq!(joiner.unused_key_packages(), 1);
+    let proposal = call.ds.propose_add(&kp).unwrap();
+    call.broadcast(&proposal);
+    let epoch = call.commit(vec![joiner]);
+    assert_eq!(call.member(3).unused_key_packages(), 0);
+
+    // The agent writes no state per epoch; the joiner follows the next
+    // commit and its frames still reach the others, and theirs reach it.
+    assert_eq!(call.add(vec![agent(4)]), epoch + 1);
+    let frame = encrypt(
+        call.member(3),
+        stream::AUDIO,
+        Codec::Opus,
+        b"from the joiner",
+    );
+    assert_eq!(
+        decrypt(call.member(0), Codec::Opus, &frame).unwrap(),
+        b"from the joiner"
+    );
+    let frame = encrypt(call.member(4), stream::AUDIO, Codec::Opus, b"to the joiner");
+    assert_eq!(
+        decrypt(call.member(3), Codec::Opus, &frame).unwrap(),
+        b"to the joiner"
+    );
+}
+
+#[test]
 fn late_joiner_cannot_decrypt_earlier_epochs() {
     let mut call = Call::new(N);
     let old_audio = encrypt(
