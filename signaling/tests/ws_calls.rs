@@ -457,23 +457,28 @@ async fn a_quiet_large_call_heals_its_tree_and_commits_shrink() {
     );
 }
 
+/// Message types the server sends during a call.
+const SENT_TYPES: [&str; 9] = [
+    "proposal",
+    "commit_request",
+    "commit",
+    "welcome",
+    "epoch_ready",
+    "roster",
+    "roster_update",
+    "removed",
+    "active_speaker",
+];
+
+/// Bytes the server has sent, per message type (in [`SENT_TYPES`] order).
+fn bytes_out_by_type(server: &support::TestServer) -> [u64; SENT_TYPES.len()] {
+    let out = &server.state.metrics.bytes_out;
+    SENT_TYPES.map(|k| out.with_label_values(&[k]).get())
+}
+
 /// Bytes of every message the server has sent.
 fn bytes_out(server: &support::TestServer) -> u64 {
-    let out = &server.state.metrics.bytes_out;
-    [
-        "proposal",
-        "commit_request",
-        "commit",
-        "welcome",
-        "epoch_ready",
-        "roster",
-        "roster_update",
-        "removed",
-        "active_speaker",
-    ]
-    .iter()
-    .map(|k| out.with_label_values(&[*k]).get())
-    .sum()
+    bytes_out_by_type(server).iter().sum()
 }
 
 /// Leaves and joins after a storm; prints, per leave, the time until every
@@ -495,7 +500,7 @@ async fn measure_rekey(n: usize, rounds: usize) {
         until_quiet(&members, Duration::from_secs(3)).await;
         let epoch = settled(&members, LONG).await;
         let fanout_before = server.state.metrics.rekey_fanout_bytes.get_sample_sum();
-        let sent_before = bytes_out(&server);
+        let by_type_before = bytes_out_by_type(&server);
         let leaver = members.remove((round * 37 + n / 2) % members.len());
         let t0 = Instant::now();
         leaver.cmd.send(Cmd::Leave).unwrap();
@@ -529,9 +534,15 @@ async fn measure_rekey(n: usize, rounds: usize) {
             }))
             .await
         );
-        let sent = bytes_out(&server) - sent_before;
+        let by_type: Vec<(&str, u64)> = SENT_TYPES
+            .iter()
+            .zip(bytes_out_by_type(&server).iter().zip(by_type_before))
+            .map(|(k, (after, before))| (*k, after - before))
+            .filter(|(_, b)| *b > 0)
+            .collect();
+        let sent: u64 = by_type.iter().map(|(_, b)| b).sum();
         println!(
-            "REKEY n={n} round={round}: leave -> first member holds epoch {}: {first_holds:?}, every member: {all_hold:?}; MLS bytes fanned out: {fanout} ({:.0} per member); all server messages for the leave: {sent} bytes",
+            "REKEY n={n} round={round}: leave -> first member holds epoch {}: {first_holds:?}, every member: {all_hold:?}; MLS bytes fanned out: {fanout} ({:.0} per member); all server messages for the leave: {sent} bytes {by_type:?}",
             epoch + 1,
             fanout / (members.len() as f64),
         );
