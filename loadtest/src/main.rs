@@ -263,6 +263,17 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
         s.forwarded_per_s,
         f(s.cpu_us_per_forwarded_packet)
     );
+    if let Some(t) = &s.sfu_transit {
+        println!(
+            "time in the SFU per forwarded packet (socket arrival -> every copy sent), ms: p50 <= {} p95 <= {} p99 <= {}; over 20 ms: {}% of {:.0}",
+            f(t.p50_at_most_ms),
+            f(t.p95_at_most_ms),
+            f(t.p99_at_most_ms),
+            t.over_20ms_percent
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}")),
+            t.packets
+        );
+    }
     println!(
         "load generator -> SFU {:.0} pkt/s {:.2} Mbit/s, SFU -> load generator {:.0} pkt/s {:.2} Mbit/s",
         s.loadgen_packets_to_sfu_per_s,

@@ -393,6 +393,21 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
             "server CPU µs per forwarded packet",
             num(srv.cpu_us_per_forwarded_packet, 1),
         ),
+        (
+            "time in the SFU per forwarded packet (socket arrival → every copy sent), ms: p50 / p95 / p99 at most; share over 20 ms",
+            srv.sfu_transit.as_ref().map_or_else(
+                || "–".to_owned(),
+                |t| {
+                    format!(
+                        "{} / {} / {}; {}%",
+                        num(t.p50_at_most_ms, 2),
+                        num(t.p95_at_most_ms, 2),
+                        num(t.p99_at_most_ms, 2),
+                        num(t.over_20ms_percent, 3)
+                    )
+                },
+            ),
+        ),
         ("SFU drops in window", format!("{:.0}", srv.drops)),
         ("SFU drops over the run, by reason", {
             let mut v: Vec<String> = r

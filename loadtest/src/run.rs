@@ -19,7 +19,9 @@ use crate::conclave::{self, JoinRecord, Plan, Recorder, Shared};
 use crate::janus::{self, JanusServer, SUBSCRIBER_BIT};
 use crate::media::{MediaEvent, MediaHandle, MediaTotals, PeerSpec, VideoSpec};
 use crate::scenario::Scenario;
-use crate::server::{ProcSample, Server, SfuCounters, proc_sample, udp_rcvbuf_errors};
+use crate::server::{
+    ProcSample, Server, SfuCounters, TransitSummary, proc_sample, udp_rcvbuf_errors,
+};
 use crate::stats::{Reservoir, Summary};
 
 /// How to run.
@@ -167,6 +169,10 @@ pub struct ServerResult {
     pub cpu_us_per_delivered_datagram: Option<f64>,
     /// Packets the SFU dropped during the window (all reasons).
     pub drops: f64,
+    /// Time forwarded packets spent in the SFU during the window, from its
+    /// `conclave_sfu_transit_seconds` histogram: the latency the SFU itself
+    /// adds (Janus has no such measure).
+    pub sfu_transit: Option<TransitSummary>,
     /// Load generator CPU, percent of one core (2 cores on the reference machine).
     pub loadgen_cpu_percent_mean: f64,
     /// Datagrams the load generator sent to the SFU per second (all the
@@ -682,6 +688,7 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
         srv.bits_out_per_s = (c1.bytes_out - c0.bytes_out) * 8.0 / dt;
         srv.forwarded_per_s = (c1.forwarded - c0.forwarded) / dt;
         srv.drops = c1.drops - c0.drops;
+        srv.sfu_transit = TransitSummary::between(c0, c1);
         let fwd = c1.forwarded - c0.forwarded;
         if fwd > 0.0 {
             srv.cpu_us_per_forwarded_packet = Some(cpu * 1e6 / fwd);

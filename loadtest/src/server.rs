@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// Password of the accounts the load test creates.
@@ -263,6 +263,64 @@ pub struct SfuCounters {
     pub sessions: f64,
     /// Drops by reason label.
     pub drops_by_reason: HashMap<String, f64>,
+    /// `conclave_sfu_transit_seconds`: cumulative count per bucket bound
+    /// (seconds, ascending, `+Inf` last).
+    pub transit_buckets: Vec<(f64, f64)>,
+}
+
+/// Time forwarded packets spent in the SFU (socket arrival → every copy
+/// sent), from the SFU's histogram over a window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TransitSummary {
+    /// Packets measured.
+    pub packets: f64,
+    /// Upper bound of the histogram bucket holding the 50th, 95th and 99th
+    /// percentile, ms (`None` above the largest finite bucket).
+    pub p50_at_most_ms: Option<f64>,
+    /// See `p50_at_most_ms`.
+    pub p95_at_most_ms: Option<f64>,
+    /// See `p50_at_most_ms`.
+    pub p99_at_most_ms: Option<f64>,
+    /// Share of packets that spent more than 20 ms, percent.
+    pub over_20ms_percent: Option<f64>,
+}
+
+impl TransitSummary {
+    /// The packets counted between two scrapes.
+    pub fn between(before: &SfuCounters, after: &SfuCounters) -> Option<Self> {
+        let at = |c: &SfuCounters, le: f64| {
+            c.transit_buckets
+                .iter()
+                .find(|(b, _)| *b == le)
+                .map_or(0.0, |(_, n)| *n)
+        };
+        let window: Vec<(f64, f64)> = after
+            .transit_buckets
+            .iter()
+            .map(|(le, n)| (*le, n - at(before, *le)))
+            .collect();
+        let total = window.last().map(|(_, n)| *n)?;
+        if total <= 0.0 {
+            return None;
+        }
+        let quantile = |q: f64| {
+            window
+                .iter()
+                .find(|(_, n)| *n >= q * total)
+                .and_then(|(le, _)| le.is_finite().then_some(le * 1000.0))
+        };
+        let within_20ms = window
+            .iter()
+            .find(|(le, _)| (*le - 0.02).abs() < 1e-12)
+            .map(|(_, n)| *n);
+        Some(Self {
+            packets: total,
+            p50_at_most_ms: quantile(0.50),
+            p95_at_most_ms: quantile(0.95),
+            p99_at_most_ms: quantile(0.99),
+            over_20ms_percent: within_20ms.map(|n| (total - n) * 100.0 / total),
+        })
+    }
 }
 
 impl SfuCounters {
@@ -270,6 +328,7 @@ impl SfuCounters {
     pub fn parse(text: &str) -> Self {
         let mut c = Self::default();
         let mut drops: HashMap<String, f64> = HashMap::new();
+        let mut transit: HashMap<u64, (f64, f64)> = HashMap::new();
         for line in text.lines() {
             if line.starts_with('#') {
                 continue;
@@ -288,6 +347,16 @@ impl SfuCounters {
                 "conclave_sfu_bytes_out_total" => c.bytes_out += v,
                 "conclave_sfu_forwarded_total" => c.forwarded += v,
                 "conclave_sfu_sessions" => c.sessions += v,
+                "conclave_sfu_transit_seconds_bucket" => {
+                    let le = name
+                        .split("le=\"")
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                        .and_then(|r| r.parse::<f64>().ok());
+                    if let Some(le) = le {
+                        transit.entry(le.to_bits()).or_insert((le, 0.0)).1 += v;
+                    }
+                }
                 "conclave_sfu_drops_total" => {
                     let reason = name
                         .split("reason=\"")
@@ -301,6 +370,8 @@ impl SfuCounters {
         }
         c.drops = drops.values().sum();
         c.drops_by_reason = drops;
+        c.transit_buckets = transit.into_values().collect();
+        c.transit_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         c
     }
 }
@@ -392,6 +463,32 @@ mod tests {
         assert_eq!(c.drops, 2.0);
         assert_eq!(c.drops_by_reason.get("stale_epoch"), Some(&2.0));
         assert_eq!(c.sessions, 3.0);
+    }
+
+    #[test]
+    fn transit_percentiles_come_from_the_window_between_scrapes() {
+        let page = |b: [u64; 4]| {
+            format!(
+                "conclave_sfu_transit_seconds_bucket{{le=\"0.001\"}} {}\n\
+                 conclave_sfu_transit_seconds_bucket{{le=\"0.02\"}} {}\n\
+                 conclave_sfu_transit_seconds_bucket{{le=\"0.05\"}} {}\n\
+                 conclave_sfu_transit_seconds_bucket{{le=\"+Inf\"}} {}\n\
+                 conclave_sfu_transit_seconds_count {}\n",
+                b[0], b[1], b[2], b[3], b[3]
+            )
+        };
+        // Before the window: 1000 fast packets. In it: 90 ≤ 1 ms, 6 ≤ 20 ms,
+        // 3 ≤ 50 ms, 1 slower.
+        let before = SfuCounters::parse(&page([1000, 1000, 1000, 1000]));
+        let after = SfuCounters::parse(&page([1090, 1096, 1099, 1100]));
+        assert_eq!(after.transit_buckets.len(), 4);
+        let t = TransitSummary::between(&before, &after).unwrap();
+        assert_eq!(t.packets, 100.0);
+        assert_eq!(t.p50_at_most_ms, Some(1.0));
+        assert_eq!(t.p95_at_most_ms, Some(20.0));
+        assert_eq!(t.p99_at_most_ms, Some(50.0));
+        assert!((t.over_20ms_percent.unwrap() - 4.0).abs() < 1e-9);
+        assert_eq!(TransitSummary::between(&after, &after), None);
     }
 
     #[test]

@@ -93,6 +93,8 @@ pub struct Engine {
     /// `forwarded{kind="audio"}` and `{kind="video"}`, resolved once.
     forwarded_audio: prometheus::IntCounter,
     forwarded_video: prometheus::IntCounter,
+    /// Whether a media packet was forwarded since [`Engine::take_forwarded`].
+    forwarded_since: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -133,7 +135,13 @@ impl Engine {
             inbox: Vec::new(),
             forwarded_audio,
             forwarded_video,
+            forwarded_since: false,
         }
+    }
+
+    /// Whether the datagrams handled since the last call forwarded media.
+    pub(crate) fn take_forwarded(&mut self) -> bool {
+        std::mem::take(&mut self.forwarded_since)
     }
 
     fn drop(&self, reason: &str) {
@@ -219,7 +227,11 @@ impl Engine {
             }
             Command::KeyFrames(call_id) => self.key_frames(call_id, now),
             // Counted by the worker whose socket received it.
-            Command::Datagram { from, data } => self.route_datagram(now, from, &data),
+            Command::Datagram {
+                from,
+                data,
+                arrival,
+            } => self.route_datagram(now, from, &data, arrival),
             #[cfg(feature = "fault-injection")]
             Command::InjectFault(sid) => {
                 if let Some(s) = self.sessions.get_mut(&sid) {
@@ -387,16 +399,23 @@ impl Engine {
     // ---- datagrams -----------------------------------------------------
 
     /// Handles one datagram received on the shared port.
-    pub(crate) fn datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+    /// `arrival` is when it reached the socket ([`crate::net::wall_now`]).
+    pub(crate) fn datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        data: &[u8],
+        arrival: Duration,
+    ) {
         let m = &self.shared.metrics;
         m.packets_in.inc();
         m.bytes_in.inc_by(data.len() as u64);
-        self.route_datagram(now, from, data);
+        self.route_datagram(now, from, data, arrival);
     }
 
     /// Routes a datagram to its session (or to the worker that owns it) and
     /// processes it.
-    fn route_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+    fn route_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8], arrival: Duration) {
         let kind = classify(data);
         if kind == PacketKind::Unknown {
             self.drop("unknown_protocol");
@@ -410,7 +429,7 @@ impl Engine {
                 if let Some(w) = self.shared.worker_for_addr(&from)
                     && w != self.index
                 {
-                    self.shared.hand_off(w, from, data);
+                    self.shared.hand_off(w, from, data, arrival);
                     return;
                 }
                 if kind != PacketKind::Stun {
@@ -435,7 +454,7 @@ impl Engine {
                         if let Some(w) = self.shared.worker_for_ufrag(local)
                             && w != self.index
                         {
-                            self.shared.hand_off(w, from, data);
+                            self.shared.hand_off(w, from, data, arrival);
                             return;
                         }
                         self.drop("unknown_ufrag");
@@ -802,6 +821,7 @@ impl Engine {
                 payload: packet.payload.to_vec(),
             });
         }
+        self.forwarded_since |= forwarded > 0;
         if source.is_video() {
             self.forwarded_video.inc_by(forwarded);
         } else {

@@ -34,6 +34,10 @@ pub struct SfuMetrics {
     pub session_setup_seconds: Histogram,
     /// Connected sessions by negotiated SRTP protection profile.
     pub srtp_profiles: IntCounterVec,
+    /// Per forwarded media packet: from its arrival at the SFU's socket
+    /// (kernel timestamp) until the SFU has handed every copy of it back
+    /// to the kernel. The latency the SFU adds, queueing included.
+    pub transit_seconds: Histogram,
 }
 
 impl SfuMetrics {
@@ -90,6 +94,16 @@ impl SfuMetrics {
                 ),
                 &["profile"],
             )?,
+            transit_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "conclave_sfu_transit_seconds",
+                    "Forwarded media packets: socket arrival to every copy sent",
+                )
+                .buckets(vec![
+                    1e-4, 2.5e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3, 8e-3, 1e-2,
+                    1.25e-2, 1.5e-2, 2e-2, 2.5e-2, 3e-2, 4e-2, 5e-2, 7.5e-2, 0.1, 0.25, 1.0,
+                ]),
+            )?,
         };
         registry.register(Box::new(m.packets_in.clone()))?;
         registry.register(Box::new(m.bytes_in.clone()))?;
@@ -104,6 +118,7 @@ impl SfuMetrics {
         registry.register(Box::new(m.layers.clone()))?;
         registry.register(Box::new(m.session_setup_seconds.clone()))?;
         registry.register(Box::new(m.srtp_profiles.clone()))?;
+        registry.register(Box::new(m.transit_seconds.clone()))?;
         Ok(m)
     }
 

@@ -5,11 +5,15 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, setsockopt,
+    sockopt,
+};
+use nix::sys::time::TimeSpec;
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Largest datagram accepted.
@@ -17,7 +21,8 @@ pub const MAX_DATAGRAM: usize = 1500;
 /// Datagrams per `recvmmsg`/`sendmmsg` call.
 pub const BATCH: usize = 32;
 
-/// Binds a non-blocking UDP socket with SO_REUSEPORT.
+/// Binds a non-blocking UDP socket with SO_REUSEPORT. The kernel stamps
+/// each datagram's arrival (SO_TIMESTAMPNS), which [`RecvBatch`] reports.
 pub fn bind_reuseport(addr: SocketAddr) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
@@ -26,8 +31,18 @@ pub fn bind_reuseport(addr: SocketAddr) -> io::Result<UdpSocket> {
     let _ = socket.set_recv_buffer_size(8 << 20);
     let _ = socket.set_send_buffer_size(8 << 20);
     socket.set_nonblocking(true)?;
+    // Without arrival stamps the transit metric falls back to the time
+    // `recvmmsg` returned; nothing else depends on them.
+    let _ = setsockopt(&socket, sockopt::ReceiveTimestampns, &true);
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// The wall-clock time now, as the kernel stamps arrivals (CLOCK_REALTIME).
+pub fn wall_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 /// Reusable receive buffers for one worker.
@@ -41,15 +56,16 @@ impl Default for RecvBatch {
     fn default() -> Self {
         Self {
             bufs: vec![[0u8; MAX_DATAGRAM]; BATCH],
-            headers: MultiHeaders::preallocate(BATCH, None),
+            headers: MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(TimeSpec))),
         }
     }
 }
 
 impl RecvBatch {
     /// Receives up to [`BATCH`] datagrams without blocking and hands each
-    /// to `f`. Returns how many were received (0 when none are waiting).
-    pub fn recv<F: FnMut(SocketAddr, &[u8])>(
+    /// to `f` with its arrival time (wall clock, see [`wall_now`]). Returns
+    /// how many were received (0 when none are waiting).
+    pub fn recv<F: FnMut(SocketAddr, &[u8], Duration)>(
         &mut self,
         socket: &UdpSocket,
         mut f: F,
@@ -70,15 +86,26 @@ impl RecvBatch {
             Err(nix::errno::Errno::EAGAIN) => return Ok(0),
             Err(e) => return Err(e.into()),
         };
+        let received = wall_now();
         let mut meta = Vec::with_capacity(BATCH);
         for msg in results {
             let addr = msg.address.and_then(|a: SockaddrStorage| to_std(&a));
-            meta.push((addr, msg.bytes));
+            let arrival = msg
+                .cmsgs()
+                .ok()
+                .and_then(|mut c| {
+                    c.find_map(|m| match m {
+                        ControlMessageOwned::ScmTimestampns(ts) => Some(Duration::from(ts)),
+                        _ => None,
+                    })
+                })
+                .unwrap_or(received);
+            meta.push((addr, msg.bytes, arrival));
         }
         let n = meta.len();
-        for (i, (addr, len)) in meta.into_iter().enumerate() {
+        for (i, (addr, len, arrival)) in meta.into_iter().enumerate() {
             if let (Some(addr), Some(buf)) = (addr, self.bufs.get(i)) {
-                f(addr, &buf[..len.min(MAX_DATAGRAM)]);
+                f(addr, &buf[..len.min(MAX_DATAGRAM)], arrival);
             }
         }
         Ok(n)

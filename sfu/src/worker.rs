@@ -20,7 +20,7 @@ use crate::api::{
 use crate::config::SfuConfig;
 use crate::engine::Engine;
 use crate::metrics::SfuMetrics;
-use crate::net::{BATCH, RecvBatch, SendQueue, Waker, wait};
+use crate::net::{BATCH, RecvBatch, SendQueue, Waker, wait, wall_now};
 
 /// What a worker can be asked to do.
 #[derive(Debug)]
@@ -60,6 +60,8 @@ pub(crate) enum Command {
     Datagram {
         from: SocketAddr,
         data: Bytes,
+        /// When it reached that socket (see [`crate::net::wall_now`]).
+        arrival: Duration,
     },
     Shutdown,
 }
@@ -128,12 +130,13 @@ impl Shared {
         true
     }
 
-    pub(crate) fn hand_off(&self, worker: usize, from: SocketAddr, data: &[u8]) {
+    pub(crate) fn hand_off(&self, worker: usize, from: SocketAddr, data: &[u8], arrival: Duration) {
         self.send(
             worker,
             Command::Datagram {
                 from,
                 data: Bytes::copy_from_slice(data),
+                arrival,
             },
         );
     }
@@ -188,6 +191,9 @@ pub(crate) fn run(index: usize, shared: Arc<Shared>, socket: UdpSocket, inbox: R
     let mut engine = Engine::new(index, shared.clone(), Instant::now());
     let mut batch = RecvBatch::default();
     let mut out = SendQueue::default();
+    // Arrival times of this batch's datagrams that were forwarded.
+    let mut arrivals: Vec<Duration> = Vec::with_capacity(BATCH);
+    let transit = shared.metrics.transit_seconds.clone();
     let label = index.to_string();
     let loop_hist = shared
         .metrics
@@ -206,22 +212,36 @@ pub(crate) fn run(index: usize, shared: Arc<Shared>, socket: UdpSocket, inbox: R
         let mut now = busy_start;
         let mut stop = false;
         while let Ok(cmd) = inbox.try_recv() {
-            if matches!(cmd, Command::Shutdown) {
-                stop = true;
-            }
+            let arrival = match &cmd {
+                Command::Shutdown => {
+                    stop = true;
+                    None
+                }
+                Command::Datagram { arrival, .. } => Some(*arrival),
+                _ => None,
+            };
             engine.command(cmd, now);
+            if let Some(a) = arrival
+                && engine.take_forwarded()
+            {
+                arrivals.push(a);
+            }
         }
         // A bounded number of batches, so timers and commands stay fresh
         // under load.
         for _ in 0..8 {
             now = Instant::now();
             let n = batch
-                .recv(&socket, |from, data| engine.datagram(now, from, data))
+                .recv(&socket, |from, data, arrival| {
+                    engine.datagram(now, from, data, arrival);
+                    if engine.take_forwarded() {
+                        arrivals.push(arrival);
+                    }
+                })
                 .unwrap_or(0);
             engine.drain(&mut out);
-            if !out.is_empty() {
-                send(&shared, &mut out, &socket);
-            }
+            send(&shared, &mut out, &socket);
+            observe_transit(&transit, &mut arrivals);
             if n < BATCH {
                 break;
             }
@@ -229,9 +249,7 @@ pub(crate) fn run(index: usize, shared: Arc<Shared>, socket: UdpSocket, inbox: R
         now = Instant::now();
         engine.timers(now);
         engine.drain(&mut out);
-        if !out.is_empty() {
-            send(&shared, &mut out, &socket);
-        }
+        send(&shared, &mut out, &socket);
         loop_hist.observe(busy_start.elapsed().as_secs_f64());
         if stop || shared.stopping.load(Ordering::Relaxed) {
             break;
@@ -251,7 +269,22 @@ pub(crate) fn run(index: usize, shared: Arc<Shared>, socket: UdpSocket, inbox: R
     );
 }
 
+/// Records how long each forwarded datagram of the batch just sent spent
+/// in the SFU.
+fn observe_transit(transit: &prometheus::Histogram, arrivals: &mut Vec<Duration>) {
+    if arrivals.is_empty() {
+        return;
+    }
+    let sent = wall_now();
+    for a in arrivals.drain(..) {
+        transit.observe(sent.saturating_sub(a).as_secs_f64());
+    }
+}
+
 fn send(shared: &Shared, out: &mut SendQueue, socket: &UdpSocket) {
+    if out.is_empty() {
+        return;
+    }
     let (n, bytes) = out.flush(socket);
     shared.metrics.packets_out.inc_by(n);
     shared.metrics.bytes_out.inc_by(bytes);

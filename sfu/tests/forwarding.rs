@@ -211,6 +211,11 @@ async fn one_publisher_many_subscribers_every_packet_arrives() {
         h.metrics.forwarded.with_label_values(&["audio"]).get(),
         (N * FRAMES) as u64
     );
+    // Each of the publisher's packets had its time in the SFU measured once
+    // (two workers: some reached the other worker's socket and were handed
+    // over, with their arrival time).
+    let transit = &h.metrics.transit_seconds;
+    assert_eq!(transit.get_sample_count(), (2 * FRAMES) as u64);
     // Every session negotiated SRTP with AES-GCM.
     assert_eq!(
         h.metrics
