@@ -31,6 +31,10 @@ pub struct SfuConfig {
     /// Send-side congestion control (TWCC + GCC + pacer) towards
     /// subscribers, used for simulcast layer selection.
     pub congestion_control: bool,
+    /// When one packet's fan-out (or a batch's) leaves at least this many
+    /// sessions with datagrams to send, a worker sends them from two
+    /// threads. `None`: always one (the default on a single core).
+    pub parallel_send_from: Option<usize>,
 }
 
 impl Default for SfuConfig {
@@ -47,6 +51,9 @@ impl Default for SfuConfig {
             global_pps: 2_000_000,
             max_sessions: 5_000,
             congestion_control: true,
+            parallel_send_from: std::thread::available_parallelism()
+                .is_ok_and(|n| n.get() > 1)
+                .then_some(32),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -1176,28 +1176,70 @@ impl Engine {
         }
     }
 
-    /// Moves every touched session's outgoing datagrams to `out` and
-    /// re-arms its timer.
-    pub(crate) fn drain(&mut self, out: &mut SendQueue) {
+    /// Sends every touched session's outgoing datagrams and re-arms its
+    /// timer. Returns (datagrams, bytes) the kernel took.
+    ///
+    /// A large call's fan-out touches many sessions at once; from
+    /// [`crate::SfuConfig::parallel_send_from`] on, a second thread takes
+    /// half of them, so the per-copy work (the `rtc` write path with SRTP,
+    /// and `sendmmsg`) runs on two cores.
+    pub(crate) fn flush(&mut self, out: &mut SendQueue, socket: &UdpSocket) -> (u64, u64) {
         let mut touched = std::mem::take(&mut self.touched);
         touched.sort_unstable();
         touched.dedup();
-        for sid in &touched {
-            if let Some(s) = self.sessions.get_mut(sid) {
-                let r = catch_unwind(AssertUnwindSafe(|| {
-                    while let Some(msg) = s.pc.poll_write() {
-                        out.push(msg.transport.peer_addr, msg.message);
+        let parallel = self
+            .shared
+            .config
+            .parallel_send_from
+            .is_some_and(|from| touched.len() >= from.max(2));
+        let (faulted, sent) = if parallel {
+            let mut parts: Vec<(SessionId, &mut Session)> = self
+                .sessions
+                .iter_mut()
+                .filter(|(sid, _)| touched.binary_search(sid).is_ok())
+                .map(|(sid, s)| (*sid, s))
+                .collect();
+            let half = parts.len() / 2;
+            let (a, b) = parts.split_at_mut(half);
+            let b_ids: Vec<SessionId> = b.iter().map(|(sid, _)| *sid).collect();
+            std::thread::scope(|scope| {
+                // The send queue's system-call buffers stay on their thread,
+                // so the helper has its own.
+                let helper = scope.spawn(|| {
+                    let mut queue = SendQueue::default();
+                    let faulted = poll_writes(b, &mut queue);
+                    (faulted, queue.flush(socket))
+                });
+                let mut faulted = poll_writes(a, out);
+                let mut sent = out.flush(socket);
+                match helper.join() {
+                    Ok((f, (n, bytes))) => {
+                        faulted.extend(f);
+                        sent = (sent.0 + n, sent.1 + bytes);
                     }
-                }));
-                if r.is_err() {
-                    self.close(*sid, DownReason::Fault);
-                    continue;
+                    // poll_writes catches panics; this is only a backstop.
+                    Err(_) => faulted.extend(b_ids),
                 }
-                self.arm(*sid);
+                (faulted, sent)
+            })
+        } else {
+            let mut faulted = Vec::new();
+            for sid in &touched {
+                if let Some(s) = self.sessions.get_mut(sid) {
+                    faulted.extend(poll_writes(&mut [(*sid, s)], out));
+                }
             }
+            (faulted, out.flush(socket))
+        };
+        for sid in faulted {
+            self.close(sid, DownReason::Fault);
+        }
+        for sid in &touched {
+            self.arm(*sid);
         }
         touched.clear();
         self.touched = touched;
+        sent
     }
 
     /// Closes a session and tells signaling.
@@ -1237,6 +1279,23 @@ impl Engine {
     pub(crate) fn session_count(&self) -> usize {
         self.sessions.len()
     }
+}
+
+/// Moves the sessions' outgoing datagrams to `out`; returns the sessions
+/// whose state machine panicked.
+fn poll_writes(sessions: &mut [(SessionId, &mut Session)], out: &mut SendQueue) -> Vec<SessionId> {
+    let mut faulted = Vec::new();
+    for (sid, s) in sessions.iter_mut() {
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            while let Some(msg) = s.pc.poll_write() {
+                out.push(msg.transport.peer_addr, msg.message);
+            }
+        }));
+        if r.is_err() {
+            faulted.push(*sid);
+        }
+    }
+    faulted
 }
 
 enum Forward {

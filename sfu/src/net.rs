@@ -133,11 +133,6 @@ impl SendQueue {
         self.items.push((to, data));
     }
 
-    /// Whether nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-
     /// Sends everything queued, [`BATCH`] datagrams per system call.
     /// Returns (datagrams, bytes) sent; datagrams the kernel refuses are
     /// dropped (UDP is lossy anyway) and counted by the caller as the

@@ -239,8 +239,7 @@ pub(crate) fn run(index: usize, shared: Arc<Shared>, socket: UdpSocket, inbox: R
                     }
                 })
                 .unwrap_or(0);
-            engine.drain(&mut out);
-            send(&shared, &mut out, &socket);
+            send(&shared, &mut engine, &mut out, &socket);
             observe_transit(&transit, &mut arrivals);
             if n < BATCH {
                 break;
@@ -248,8 +247,7 @@ pub(crate) fn run(index: usize, shared: Arc<Shared>, socket: UdpSocket, inbox: R
         }
         now = Instant::now();
         engine.timers(now);
-        engine.drain(&mut out);
-        send(&shared, &mut out, &socket);
+        send(&shared, &mut engine, &mut out, &socket);
         loop_hist.observe(busy_start.elapsed().as_secs_f64());
         if stop || shared.stopping.load(Ordering::Relaxed) {
             break;
@@ -281,11 +279,8 @@ fn observe_transit(transit: &prometheus::Histogram, arrivals: &mut Vec<Duration>
     }
 }
 
-fn send(shared: &Shared, out: &mut SendQueue, socket: &UdpSocket) {
-    if out.is_empty() {
-        return;
-    }
-    let (n, bytes) = out.flush(socket);
+fn send(shared: &Shared, engine: &mut Engine, out: &mut SendQueue, socket: &UdpSocket) {
+    let (n, bytes) = engine.flush(out, socket);
     shared.metrics.packets_out.inc_by(n);
     shared.metrics.bytes_out.inc_by(bytes);
 }

@@ -138,6 +138,8 @@ fn dropped(m: &SfuMetrics, reason: &str) -> u64 {
 async fn one_publisher_many_subscribers_every_packet_arrives() {
     let config = SfuConfig {
         workers: 2,
+        // Six subscribers: send each packet's copies from two threads.
+        parallel_send_from: Some(4),
         ..SfuConfig::loopback()
     };
     let mut h = start(config);
