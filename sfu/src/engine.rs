@@ -1201,27 +1201,31 @@ impl Engine {
                 .collect();
             let half = parts.len() / 2;
             let (a, b) = parts.split_at_mut(half);
-            let b_ids: Vec<SessionId> = b.iter().map(|(sid, _)| *sid).collect();
-            std::thread::scope(|scope| {
+            let (mut faulted, sent, helper_lost) = std::thread::scope(|scope| {
                 // The send queue's system-call buffers stay on their thread,
                 // so the helper has its own.
                 let helper = scope.spawn(|| {
                     let mut queue = SendQueue::default();
-                    let faulted = poll_writes(b, &mut queue);
+                    let faulted = poll_writes(&mut *b, &mut queue);
                     (faulted, queue.flush(socket))
                 });
                 let mut faulted = poll_writes(a, out);
                 let mut sent = out.flush(socket);
-                match helper.join() {
+                let lost = match helper.join() {
                     Ok((f, (n, bytes))) => {
                         faulted.extend(f);
                         sent = (sent.0 + n, sent.1 + bytes);
+                        false
                     }
-                    // poll_writes catches panics; this is only a backstop.
-                    Err(_) => faulted.extend(b_ids),
-                }
-                (faulted, sent)
-            })
+                    Err(_) => true,
+                };
+                (faulted, sent, lost)
+            });
+            // poll_writes catches panics; this is only a backstop.
+            if helper_lost {
+                faulted.extend(b.iter().map(|(sid, _)| *sid));
+            }
+            (faulted, sent)
         } else {
             let mut faulted = Vec::new();
             for sid in &touched {
