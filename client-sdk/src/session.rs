@@ -472,6 +472,10 @@ async fn next_server_message(ws: &mut Ws) -> Result<ServerEnvelope, SessionError
                 return ServerEnvelope::decode(t.as_str())
                     .map_err(|e| SessionError::Protocol(e.to_string()));
             }
+            Message::Binary(b) => {
+                return ServerEnvelope::decode_binary(&b)
+                    .map_err(|e| SessionError::Protocol(e.to_string()));
+            }
             Message::Close(_) => return Err(SessionError::Closed),
             _ => {}
         }

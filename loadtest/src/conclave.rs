@@ -256,9 +256,23 @@ pub(crate) async fn next_text(
     }
 }
 
+/// The next Conclave server message: a text frame, or a binary one carrying
+/// an MLS message.
 async fn next(ws: &mut Ws) -> Result<ServerEnvelope, ParticipantError> {
-    let text = next_text(ws).await?;
-    ServerEnvelope::decode(text.as_str()).map_err(|e| ParticipantError::Protocol(e.to_string()))
+    loop {
+        let frame = ws
+            .next()
+            .await
+            .ok_or_else(|| ParticipantError::Connection("closed".into()))?
+            .map_err(|e| ParticipantError::Connection(e.to_string()))?;
+        let env = match frame {
+            Message::Text(t) => ServerEnvelope::decode(t.as_str()),
+            Message::Binary(b) => ServerEnvelope::decode_binary(&b),
+            Message::Close(_) => return Err(ParticipantError::Connection("closed".into())),
+            _ => continue,
+        };
+        return env.map_err(|e| ParticipantError::Protocol(e.to_string()));
+    }
 }
 
 /// Runs one participant until `leave` fires (or the session ends). Errors

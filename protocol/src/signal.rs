@@ -3,7 +3,10 @@
 //! Every frame is one JSON object `{"v": 1, "type": "...", ...}`. Requests
 //! may carry an `id` (any u64 the client picks); the reply to that request —
 //! success or [`ServerMessage::Error`] — echoes it. MLS messages travel as
-//! standard base64 with padding. `docs/protocol.md` documents each message.
+//! standard base64 with padding, except in the server's `proposal`, `commit`
+//! and `welcome`, which go as binary frames with the MLS message as raw
+//! bytes after the JSON (see [`ServerFrame`]): those are what a rekey fans
+//! out to every member. `docs/protocol.md` documents each message.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -38,6 +41,43 @@ impl<'de> Deserialize<'de> for Bytes {
         B64.decode(s.as_bytes())
             .map(Bytes)
             .map_err(|_| serde::de::Error::custom("invalid base64"))
+    }
+}
+
+impl Bytes {
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A server frame as it goes on the wire.
+///
+/// Messages that carry an MLS message the server fans out (`proposal`,
+/// `commit`, `welcome`) go as a binary frame, so the MLS bytes are not
+/// inflated by base64: a 4-byte big-endian length `n`, `n` bytes of the JSON
+/// object without its `message` field, then the MLS message itself. Every
+/// other message is a JSON text frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerFrame {
+    /// A JSON text frame.
+    Text(String),
+    /// A binary frame: length-prefixed JSON header, then the MLS message.
+    Binary(Vec<u8>),
+}
+
+impl ServerFrame {
+    /// Bytes of frame payload.
+    pub fn len(&self) -> usize {
+        match self {
+            ServerFrame::Text(t) => t.len(),
+            ServerFrame::Binary(b) => b.len(),
+        }
+    }
+
+    /// Whether the payload is empty (never, for an encoded message).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -297,7 +337,8 @@ pub enum ServerMessage {
         call_id: String,
         /// The epoch it belongs to.
         epoch: u64,
-        /// MLS PublicMessage proposal.
+        /// MLS PublicMessage proposal (the payload of a binary frame).
+        #[serde(default, skip_serializing_if = "Bytes::is_empty")]
         message: Bytes,
     },
     /// You are the committer for `epoch`: commit every queued proposal.
@@ -319,7 +360,8 @@ pub enum ServerMessage {
         call_id: String,
         /// The epoch the commit was built in.
         epoch: u64,
-        /// MLS PublicMessage commit.
+        /// MLS PublicMessage commit (the payload of a binary frame).
+        #[serde(default, skip_serializing_if = "Bytes::is_empty")]
         message: Bytes,
     },
     /// Your Welcome: join the group from it.
@@ -328,7 +370,8 @@ pub enum ServerMessage {
         call_id: String,
         /// The epoch it welcomes into.
         epoch: u64,
-        /// MLS Welcome.
+        /// MLS Welcome (the payload of a binary frame).
+        #[serde(default, skip_serializing_if = "Bytes::is_empty")]
         message: Bytes,
     },
     /// Every member holds `epoch`: switch sending to it (and send a key frame).
@@ -616,9 +659,91 @@ impl ServerEnvelope {
         serde_json::to_string(&env).unwrap_or_default()
     }
 
-    /// Parses a server frame (for clients and tests).
+    /// Encodes a server message the way the server sends it: a binary
+    /// frame for a message that carries a fanned-out MLS message, JSON text
+    /// otherwise (see [`ServerFrame`]).
+    pub fn frame(id: Option<u64>, mut msg: ServerMessage) -> ServerFrame {
+        let Some(field) = msg.mls_payload_mut() else {
+            return ServerFrame::Text(Self::encode(id, msg));
+        };
+        let payload = std::mem::take(field);
+        let env = Self {
+            v: PROTOCOL_VERSION,
+            id,
+            msg,
+        };
+        let header = serde_json::to_vec(&env).unwrap_or_default();
+        let mut out = Vec::with_capacity(4 + header.len() + payload.0.len());
+        out.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&payload.0);
+        ServerFrame::Binary(out)
+    }
+
+    /// Parses a server text frame (for clients and tests).
     pub fn decode(text: &str) -> Result<Self, DecodeError> {
-        serde_json::from_str(text).map_err(|e| DecodeError::Invalid(e.to_string()))
+        let env: Self =
+            serde_json::from_str(text).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        if let Some(Bytes(b)) = ServerMessage::mls_payload(&env.msg)
+            && b.is_empty()
+        {
+            return Err(DecodeError::Invalid("missing field `message`".into()));
+        }
+        Ok(env)
+    }
+
+    /// Parses a server binary frame (for clients and tests).
+    pub fn decode_binary(frame: &[u8]) -> Result<Self, DecodeError> {
+        let bad = |why: &str| DecodeError::Invalid(format!("binary frame: {why}"));
+        let (len, rest) = frame
+            .split_first_chunk::<4>()
+            .ok_or_else(|| bad("shorter than its length prefix"))?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if len > rest.len() {
+            return Err(bad("header longer than the frame"));
+        }
+        let (header, payload) = rest.split_at(len);
+        let mut env: Self = serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+        let field = env
+            .msg
+            .mls_payload_mut()
+            .ok_or_else(|| bad("this message type carries no MLS message"))?;
+        if !field.is_empty() || payload.is_empty() {
+            return Err(bad(
+                "the MLS message must follow the header, and only there",
+            ));
+        }
+        *field = Bytes(payload.to_vec());
+        Ok(env)
+    }
+
+    /// Parses either kind of server frame.
+    pub fn decode_frame(frame: &ServerFrame) -> Result<Self, DecodeError> {
+        match frame {
+            ServerFrame::Text(t) => Self::decode(t),
+            ServerFrame::Binary(b) => Self::decode_binary(b),
+        }
+    }
+}
+
+impl ServerMessage {
+    /// The MLS message this message carries in a binary frame, if any.
+    fn mls_payload_mut(&mut self) -> Option<&mut Bytes> {
+        match self {
+            ServerMessage::Proposal { message, .. }
+            | ServerMessage::Commit { message, .. }
+            | ServerMessage::Welcome { message, .. } => Some(message),
+            _ => None,
+        }
+    }
+
+    fn mls_payload(&self) -> Option<&Bytes> {
+        match self {
+            ServerMessage::Proposal { message, .. }
+            | ServerMessage::Commit { message, .. }
+            | ServerMessage::Welcome { message, .. } => Some(message),
+            _ => None,
+        }
     }
 }
 
@@ -781,5 +906,95 @@ mod tests {
                 video_slots: 9,
             }
         );
+    }
+
+    #[test]
+    fn mls_fan_out_messages_go_as_binary_frames_with_raw_bytes() {
+        let mls = vec![0u8, 1, 2, 0xff, b'{', b'"'];
+        for msg in [
+            ServerMessage::Proposal {
+                call_id: "c".into(),
+                epoch: 3,
+                message: Bytes(mls.clone()),
+            },
+            ServerMessage::Commit {
+                call_id: "c".into(),
+                epoch: 3,
+                message: Bytes(mls.clone()),
+            },
+            ServerMessage::Welcome {
+                call_id: "c".into(),
+                epoch: 4,
+                message: Bytes(mls.clone()),
+            },
+        ] {
+            let frame = ServerEnvelope::frame(Some(2), msg.clone());
+            let ServerFrame::Binary(b) = &frame else {
+                panic!("{frame:?}")
+            };
+            // Length, header without the MLS field, then the raw bytes.
+            let n = u32::from_be_bytes(b[..4].try_into().unwrap()) as usize;
+            let header = std::str::from_utf8(&b[4..4 + n]).unwrap();
+            assert!(header.starts_with(r#"{"v":1,"id":2,"type":"#), "{header}");
+            assert!(!header.contains("message"), "{header}");
+            assert_eq!(&b[4 + n..], &mls[..]);
+            assert_eq!(b.len(), 4 + n + mls.len());
+            let back = ServerEnvelope::decode_frame(&frame).unwrap();
+            assert_eq!((back.id, back.msg), (Some(2), msg.clone()));
+            // The text form stays readable.
+            let text = ServerEnvelope::encode(None, msg.clone());
+            assert_eq!(ServerEnvelope::decode(&text).unwrap().msg, msg);
+        }
+        // Everything else is text.
+        let ready = ServerEnvelope::frame(None, ServerMessage::Pong {});
+        assert_eq!(ready, ServerFrame::Text(r#"{"v":1,"type":"pong"}"#.into()));
+    }
+
+    #[test]
+    fn malformed_binary_frames_are_refused() {
+        let header = br#"{"v":1,"type":"commit","call_id":"c","epoch":1}"#;
+        let with = |len: u32, header: &[u8], payload: &[u8]| {
+            let mut f = len.to_be_bytes().to_vec();
+            f.extend_from_slice(header);
+            f.extend_from_slice(payload);
+            f
+        };
+        let n = header.len() as u32;
+        let doubled = br#"{"v":1,"type":"commit","call_id":"c","epoch":1,"message":"AA=="}"#;
+        assert!(ServerEnvelope::decode_binary(&with(n, header, b"mls")).is_ok());
+        for bad in [
+            vec![],
+            vec![0, 0, 1],
+            with(n + 1, header, b""),
+            with(u32::MAX, header, b"mls"),
+            // No MLS message after the header.
+            with(n, header, b""),
+            // A message type that carries none.
+            with(21, br#"{"v":1,"type":"pong"}"#, b"x"),
+            // The MLS message both in the header and after it.
+            with(doubled.len() as u32, doubled, b"x"),
+            with(3, b"{{{", b"x"),
+        ] {
+            assert!(
+                matches!(
+                    ServerEnvelope::decode_binary(&bad),
+                    Err(DecodeError::Invalid(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        // A text commit must carry its message.
+        assert!(
+            ServerEnvelope::decode(r#"{"v":1,"type":"commit","call_id":"c","epoch":1}"#).is_err()
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_random_binary_frames_never_panics(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)
+        ) {
+            let _ = ServerEnvelope::decode_binary(&bytes);
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use conclave_protocol::mls::{Identity, KeyPackageInfo};
+use conclave_protocol::signal::ServerFrame;
 use conclave_protocol::signal::{ErrorCode, RemovalReason, ServerEnvelope, ServerMessage};
 use tokio::sync::mpsc;
 
@@ -27,8 +28,30 @@ pub const OUTBOX_CAPACITY: usize = 4096;
 pub enum SessionFrame {
     /// A JSON text frame (shared by every session a fan-out reaches).
     Text(Utf8Bytes),
+    /// A binary frame carrying an MLS message (see [`ServerFrame`]), shared
+    /// the same way.
+    Binary(axum::body::Bytes),
     /// Close the connection with this reason.
     Close(String),
+}
+
+impl SessionFrame {
+    /// Wraps an encoded server message.
+    pub fn encoded(frame: ServerFrame) -> Self {
+        match frame {
+            ServerFrame::Text(t) => SessionFrame::Text(t.into()),
+            ServerFrame::Binary(b) => SessionFrame::Binary(b.into()),
+        }
+    }
+
+    /// Payload bytes on the wire (0 for a close).
+    fn len(&self) -> usize {
+        match self {
+            SessionFrame::Text(t) => t.len(),
+            SessionFrame::Binary(b) => b.len(),
+            SessionFrame::Close(_) => 0,
+        }
+    }
 }
 
 /// An input to a call task.
@@ -267,19 +290,19 @@ impl Hub {
     /// Sends one message to a session; a full outbox closes it.
     pub fn send(&self, session: SessionId, reply_to: Option<u64>, msg: ServerMessage) {
         let kind = crate::metrics::message_kind(&msg);
-        let text = ServerEnvelope::encode(reply_to, msg);
-        self.push(&self.lock(), session, kind, text.into());
+        let frame = SessionFrame::encoded(ServerEnvelope::frame(reply_to, msg));
+        self.push(&self.lock(), session, kind, frame);
     }
 
     /// Queues an encoded frame on a session's outbox; a full outbox closes it.
-    fn push(&self, st: &HubState, session: SessionId, kind: &'static str, text: Utf8Bytes) {
+    fn push(&self, st: &HubState, session: SessionId, kind: &'static str, frame: SessionFrame) {
         if let Some(e) = st.sessions.get(&session) {
             self.stats.messages_out.with_label_values(&[kind]).inc();
             self.stats
                 .bytes_out
                 .with_label_values(&[kind])
-                .inc_by(text.len() as u64);
-            if e.outbox.try_send(SessionFrame::Text(text)).is_err() {
+                .inc_by(frame.len() as u64);
+            if e.outbox.try_send(frame).is_err() {
                 let _ = e
                     .outbox
                     .try_send(SessionFrame::Close("too slow to receive".into()));
@@ -546,7 +569,7 @@ impl Hub {
         // once per run and take the lock once.
         {
             let st = self.lock();
-            let mut last: Option<(&Arc<ServerMessage>, Option<u64>, Utf8Bytes)> = None;
+            let mut last: Option<(&Arc<ServerMessage>, Option<u64>, SessionFrame)> = None;
             for o in &msgs {
                 let text = match &last {
                     Some((m, r, t))
@@ -555,7 +578,7 @@ impl Hub {
                         t.clone()
                     }
                     _ => {
-                        let t = Utf8Bytes::from(ServerEnvelope::encode(
+                        let t = SessionFrame::encoded(ServerEnvelope::frame(
                             o.reply_to,
                             ServerMessage::clone(&o.msg),
                         ));
@@ -855,7 +878,7 @@ impl Hub {
                     user_id: user_id.to_owned(),
                     device_id: device_id.to_owned(),
                 };
-                let text = Utf8Bytes::from(ServerEnvelope::encode(None, msg));
+                let text = SessionFrame::encoded(ServerEnvelope::frame(None, msg));
                 let st = self.lock();
                 for (sid, e) in &st.sessions {
                     if e.calls.contains(&call_id) {

@@ -106,6 +106,11 @@ async fn session(app: AppState, claims: Claims, socket: WebSocket) {
                         break;
                     }
                 }
+                SessionFrame::Binary(b) => {
+                    if sink.send(Message::Binary(b)).await.is_err() {
+                        break;
+                    }
+                }
                 SessionFrame::Close(reason) => {
                     let _ = sink
                         .send(Message::Close(Some(CloseFrame {

@@ -20,6 +20,7 @@ import type {
   Verification,
 } from "./call-types.js";
 import { KidLayout, stream } from "./kid.js";
+import { decodeServerFrame, type ServerMessage as ServerMsg } from "./signal.js";
 import { MlsAgent, type DeviceIdentity, type EpochInfo, generateIdentity } from "./mls.js";
 import type { FromWorker, StreamOptions, ToWorker } from "./media-worker.js";
 import { safetyNumber } from "./verify.js";
@@ -157,7 +158,6 @@ function applyRosterUpdate(roster: RosterWire[], changed: RosterWire[], gone: De
   return out;
 }
 
-type ServerMsg = { type: string; id?: number; call_id?: string; [k: string]: unknown };
 
 const AUDIO_SLOTS = 3;
 const VIDEO_SLOTS = 6;
@@ -267,11 +267,13 @@ export class CallClient {
     url.searchParams.set("token", this.options.token);
     const ws = new WebSocket(url);
     this.ws = ws;
-    ws.onmessage = (ev) => {
+    ws.binaryType = "arraybuffer";
+    ws.onmessage = (ev: MessageEvent<string | ArrayBuffer>) => {
       let m: ServerMsg;
       try {
-        m = JSON.parse(String(ev.data)) as ServerMsg;
-      } catch {
+        m = decodeServerFrame(ev.data);
+      } catch (e) {
+        console.warn("conclave: ignored an unreadable frame from the server:", e);
         return;
       }
       this.chain = this.chain.then(() => this.onMessage(m)).catch((e) => this.fail(`handling ${m.type}`, e));
@@ -369,7 +371,7 @@ export class CallClient {
         break;
       }
       case "proposal":
-        await agent.handle(unb64(String(m.message)));
+        await agent.handle(m.message as Uint8Array);
         break;
       case "commit_request": {
         if (agent.epoch !== BigInt(Number(m.epoch))) break;
@@ -383,7 +385,7 @@ export class CallClient {
         break;
       }
       case "commit": {
-        const ev = await agent.handle(unb64(String(m.message)));
+        const ev = await agent.handle(m.message as Uint8Array);
         if (ev.some((e) => e.type === "removed")) {
           this.post({ type: "clear" });
           break;
@@ -393,7 +395,7 @@ export class CallClient {
         break;
       }
       case "welcome":
-        await agent.join(unb64(String(m.message)));
+        await agent.join(m.message as Uint8Array);
         this.installKeys(true);
         this.send("epoch_ack", { call_id: this.options.callId, epoch: Number(agent.epoch) });
         break;

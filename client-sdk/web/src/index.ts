@@ -4,3 +4,4 @@ export * from "./sframe.js";
 export * from "./kid.js";
 export * from "./verify.js";
 export * from "./mls.js";
+export * from "./signal.js";

@@ -18,7 +18,7 @@
 //   {"cmd":"decrypt","codec":"opus","frame":"hex"}   {"cmd":"leave"}   {"cmd":"quit"}
 import { createInterface } from "node:readline";
 import WebSocket from "ws";
-import { MlsAgent, generateIdentity, stream } from "../dist/conclave.mjs";
+import { MlsAgent, decodeServerFrame, generateIdentity, stream } from "../dist/conclave.mjs";
 
 const [url, token, callId, deviceId = "web1"] = process.argv.slice(2);
 if (!url || !token || !callId) {
@@ -76,7 +76,7 @@ async function onMessage(m) {
     }
     case "proposal":
       try {
-        await agent.handle(unb64(m.message));
+        await agent.handle(m.message);
       } catch (e) {
         fail("proposal", e);
       }
@@ -98,7 +98,7 @@ async function onMessage(m) {
       break;
     case "commit":
       try {
-        const ev = await agent.handle(unb64(m.message));
+        const ev = await agent.handle(m.message);
         if (ev.some((e) => e.type === "removed")) {
           out({ event: "removed", reason: "commit" });
         } else {
@@ -110,7 +110,7 @@ async function onMessage(m) {
       break;
     case "welcome":
       try {
-        const ev = await agent.join(unb64(m.message));
+        const ev = await agent.join(m.message);
         send("epoch_ack", { call_id: callId, epoch: Number(agent.epoch) });
         out({ event: "joined", epoch: Number(ev[0].epoch) });
       } catch (e) {
@@ -156,8 +156,8 @@ async function emitReady(epoch) {
 
 // Messages are handled strictly in arrival order.
 let chain = Promise.resolve();
-ws.on("message", (data) => {
-  const m = JSON.parse(data.toString());
+ws.on("message", (data, isBinary) => {
+  const m = decodeServerFrame(isBinary ? new Uint8Array(data) : data.toString());
   chain = chain.then(() => onMessage(m)).catch((e) => fail(m.type, e));
 });
 ws.on("close", () => {

@@ -9,7 +9,9 @@ import {
   KidLayout,
   ReplayWindow,
   SFRAME_EXPORTER_LABEL,
+  FrameError,
   decodeHeader,
+  decodeServerFrame,
   sframeBaseKey,
   stream,
   suiteFromId,
@@ -111,4 +113,37 @@ test("key ring: previous epoch kept only for the retention; non-members are unkn
   );
   await assert.rejects(ring.decrypt(10_000, "opus", await stranger.encrypt("opus", hello)), code("UnknownKid"));
   await assert.rejects(ring.senderKey(1n, 0, 0n), code("NoEpoch"));
+});
+
+test("server frames: binary MLS messages and text JSON decode to one shape", () => {
+  const frame = (header, payload) => {
+    const h = new TextEncoder().encode(header);
+    const out = new Uint8Array(4 + h.length + payload.length);
+    new DataView(out.buffer).setUint32(0, h.length);
+    out.set(h, 4);
+    out.set(payload, 4 + h.length);
+    return out;
+  };
+  const mls = new Uint8Array([0, 1, 2, 0xff, 0x7b]);
+  const header = '{"v":1,"type":"commit","call_id":"c","epoch":7}';
+  const m = decodeServerFrame(frame(header, mls).buffer);
+  assert.equal(m.type, "commit");
+  assert.equal(m.epoch, 7);
+  assert.deepEqual(m.message, mls);
+  // The text form of the same message.
+  const t = decodeServerFrame('{"v":1,"type":"commit","call_id":"c","epoch":7,"message":"AAEC/3s="}');
+  assert.deepEqual(t.message, mls);
+  assert.equal(decodeServerFrame('{"v":1,"type":"pong"}').type, "pong");
+  for (const bad of [
+    new Uint8Array([0, 0, 1]),
+    frame(header, new Uint8Array()),
+    frame('{"v":1,"type":"pong"}', mls),
+    frame('{"v":1,"type":"commit","call_id":"c","epoch":7,"message":"AA=="}', mls),
+    frame("{{", mls),
+    (() => { const f = frame(header, mls); new DataView(f.buffer).setUint32(0, 999); return f; })(),
+    '{"v":1,"type":"welcome","call_id":"c","epoch":7}',
+    "[1]",
+  ]) {
+    assert.throws(() => decodeServerFrame(bad), FrameError);
+  }
 });

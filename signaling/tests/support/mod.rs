@@ -312,8 +312,11 @@ async fn run(
             status.lock().unwrap().closed = true;
             return;
         };
-        let Message::Text(t) = frame else { continue };
-        let env = ServerEnvelope::decode(t.as_str()).unwrap();
+        let env = match frame {
+            Message::Text(t) => ServerEnvelope::decode(t.as_str()).unwrap(),
+            Message::Binary(b) => ServerEnvelope::decode_binary(&b).unwrap(),
+            _ => continue,
+        };
         let now = Instant::now();
         let mut reply = Vec::new();
         match env.msg {

@@ -15,6 +15,7 @@
 import { mkdirSync } from "node:fs";
 import { join as pathJoin } from "node:path";
 import { chromium } from "playwright-core";
+import { decodeServerFrame } from "../../dist/conclave.mjs";
 
 const cfg = JSON.parse(process.env.CONCLAVE_BROWSER_TEST ?? "{}");
 const log = (o) => process.stdout.write(`${JSON.stringify(o)}\n`);
@@ -115,13 +116,14 @@ async function join(browser, name) {
       const server = ws.connectToServer();
       server.onMessage((m) => {
         try {
-          const type = JSON.parse(String(m)).type;
+          // Text frames, and the binary frames that carry MLS messages.
+          const type = decodeServerFrame(typeof m === "string" ? m : new Uint8Array(m)).type;
           if (type === "removed" || (type === "commit" && victimRemoval.started)) {
             log({ event: "hidden_from_victim", type, at: since() });
             return;
           }
         } catch {
-          // Not JSON: pass it on.
+          // Not a server message: pass it on.
         }
         ws.send(m);
       });
