@@ -52,11 +52,13 @@ pub struct CallConfig {
 pub const HEAL_MIN_MEMBERS: usize = 16;
 
 /// Healing stops once every run of `1 << HEAL_UNIT_BITS` adjacent leaves has
-/// a member whose path is set: that fills every parent node from three levels
-/// above the leaves up, so a commit encrypts to at most 7 leaves below that
-/// and one node per level above (at 500 members, about 13 HPKE ciphertexts
-/// instead of up to 499), for about N/8 healing commits after a join storm.
-const HEAL_UNIT_BITS: u32 = 3;
+/// a member whose path is set: that fills every parent node from two levels
+/// above the leaves up, so a commit encrypts to at most 3 leaves below that
+/// and one node per level above (at 500 members, about 10 HPKE ciphertexts
+/// instead of up to 499), for about N/4 healing commits after a join storm.
+/// Runs of 8 took half the healing commits but left commits about 4
+/// ciphertexts (330 bytes per member) larger in the worst places.
+const HEAL_UNIT_BITS: u32 = 2;
 
 impl Default for CallConfig {
     fn default() -> Self {
