@@ -5,6 +5,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The allocator the `conclave` binary uses, for the server and the
+/// in-process clients alike.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use conclave_client::{AgentConfig, AgentEvent, Identity, MlsAgent, Principal};
 use conclave_protocol::mls::decode_signing_identity;
 use conclave_protocol::signal::{
