@@ -238,10 +238,8 @@ async fn send(ws: &mut Ws, id: Option<u64>, msg: ClientMessage) -> Result<(), Pa
         .map_err(|e| ParticipantError::Connection(e.to_string()))
 }
 
-/// The next text frame of a WebSocket (either target's signaling).
-pub(crate) async fn next_text(
-    ws: &mut Ws,
-) -> Result<tokio_tungstenite::tungstenite::Utf8Bytes, ParticipantError> {
+/// The next text or binary frame of a WebSocket; a close is an error.
+async fn next_data(ws: &mut Ws) -> Result<Message, ParticipantError> {
     loop {
         let frame = ws
             .next()
@@ -249,9 +247,20 @@ pub(crate) async fn next_text(
             .ok_or_else(|| ParticipantError::Connection("closed".into()))?
             .map_err(|e| ParticipantError::Connection(e.to_string()))?;
         match frame {
-            Message::Text(t) => return Ok(t),
+            Message::Text(_) | Message::Binary(_) => return Ok(frame),
             Message::Close(_) => return Err(ParticipantError::Connection("closed".into())),
             _ => {}
+        }
+    }
+}
+
+/// The next text frame of a WebSocket (either target's signaling).
+pub(crate) async fn next_text(
+    ws: &mut Ws,
+) -> Result<tokio_tungstenite::tungstenite::Utf8Bytes, ParticipantError> {
+    loop {
+        if let Message::Text(t) = next_data(ws).await? {
+            return Ok(t);
         }
     }
 }
@@ -259,20 +268,14 @@ pub(crate) async fn next_text(
 /// The next Conclave server message: a text frame, or a binary one carrying
 /// an MLS message.
 async fn next(ws: &mut Ws) -> Result<ServerEnvelope, ParticipantError> {
-    loop {
-        let frame = ws
-            .next()
-            .await
-            .ok_or_else(|| ParticipantError::Connection("closed".into()))?
-            .map_err(|e| ParticipantError::Connection(e.to_string()))?;
-        let env = match frame {
-            Message::Text(t) => ServerEnvelope::decode(t.as_str()),
-            Message::Binary(b) => ServerEnvelope::decode_binary(&b),
-            Message::Close(_) => return Err(ParticipantError::Connection("closed".into())),
-            _ => continue,
-        };
-        return env.map_err(|e| ParticipantError::Protocol(e.to_string()));
-    }
+    let env = match next_data(ws).await? {
+        Message::Binary(b) => ServerEnvelope::decode_binary(&b),
+        Message::Text(t) => ServerEnvelope::decode(t.as_str()),
+        _ => Err(conclave_protocol::signal::DecodeError::Invalid(
+            "not a data frame".into(),
+        )),
+    };
+    env.map_err(|e| ParticipantError::Protocol(e.to_string()))
 }
 
 /// Runs one participant until `leave` fires (or the session ends). Errors
