@@ -268,9 +268,14 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
         s.forwarded_per_s,
         f(s.cpu_us_per_forwarded_packet)
     );
-    if let Some(t) = &s.sfu_transit {
+    for (what, t) in [
+        ("all", &s.sfu_transit),
+        ("audio", &s.sfu_transit_audio),
+        ("video", &s.sfu_transit_video),
+    ] {
+        let Some(t) = t else { continue };
         println!(
-            "time in the SFU per forwarded packet (socket arrival -> every copy sent), ms: p50 <= {} p95 <= {} p99 <= {}; over 20 ms: {}% of {:.0}",
+            "time in the SFU per forwarded packet (socket arrival -> every copy sent), {what}, ms: p50 <= {} p95 <= {} p99 <= {}; over 20 ms: {}% of {:.0}",
             f(t.p50_at_most_ms),
             f(t.p95_at_most_ms),
             f(t.p99_at_most_ms),

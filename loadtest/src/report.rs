@@ -17,6 +17,22 @@ fn num(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
 }
 
+/// A transit summary as `p50 / p95 / p99; share over 20 ms`.
+fn transit_cell(t: Option<&crate::server::TransitSummary>) -> String {
+    t.map_or_else(
+        || "–".to_owned(),
+        |t| {
+            format!(
+                "{} / {} / {}; {}%",
+                num(t.p50_at_most_ms, 2),
+                num(t.p95_at_most_ms, 2),
+                num(t.p99_at_most_ms, 2),
+                num(t.over_20ms_percent, 3)
+            )
+        },
+    )
+}
+
 fn summary_row(name: &str, unit: &str, s: &Summary) -> String {
     format!(
         "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -395,18 +411,15 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
         ),
         (
             "time in the SFU per forwarded packet (socket arrival → every copy sent), ms: p50 / p95 / p99 at most; share over 20 ms",
-            srv.sfu_transit.as_ref().map_or_else(
-                || "–".to_owned(),
-                |t| {
-                    format!(
-                        "{} / {} / {}; {}%",
-                        num(t.p50_at_most_ms, 2),
-                        num(t.p95_at_most_ms, 2),
-                        num(t.p99_at_most_ms, 2),
-                        num(t.over_20ms_percent, 3)
-                    )
-                },
-            ),
+            transit_cell(srv.sfu_transit.as_ref()),
+        ),
+        (
+            "… audio packets only",
+            transit_cell(srv.sfu_transit_audio.as_ref()),
+        ),
+        (
+            "… video packets only (camera, screen share)",
+            transit_cell(srv.sfu_transit_video.as_ref()),
         ),
         ("SFU drops in window", format!("{:.0}", srv.drops)),
         ("SFU drops over the run, by reason", {

@@ -173,6 +173,10 @@ pub struct ServerResult {
     /// `conclave_sfu_transit_seconds` histogram: the latency the SFU itself
     /// adds (Janus has no such measure).
     pub sfu_transit: Option<TransitSummary>,
+    /// The same for audio packets only.
+    pub sfu_transit_audio: Option<TransitSummary>,
+    /// The same for video packets only (camera and screen share).
+    pub sfu_transit_video: Option<TransitSummary>,
     /// Load generator CPU, percent of one core (2 cores on the reference machine).
     pub loadgen_cpu_percent_mean: f64,
     /// Datagrams the load generator sent to the SFU per second (all the
@@ -689,6 +693,8 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
         srv.forwarded_per_s = (c1.forwarded - c0.forwarded) / dt;
         srv.drops = c1.drops - c0.drops;
         srv.sfu_transit = TransitSummary::between(c0, c1);
+        srv.sfu_transit_audio = TransitSummary::between_kind(c0, c1, "audio");
+        srv.sfu_transit_video = TransitSummary::between_kind(c0, c1, "video");
         let fwd = c1.forwarded - c0.forwarded;
         if fwd > 0.0 {
             srv.cpu_us_per_forwarded_packet = Some(cpu * 1e6 / fwd);

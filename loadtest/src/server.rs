@@ -264,8 +264,10 @@ pub struct SfuCounters {
     /// Drops by reason label.
     pub drops_by_reason: HashMap<String, f64>,
     /// `conclave_sfu_transit_seconds`: cumulative count per bucket bound
-    /// (seconds, ascending, `+Inf` last).
+    /// (seconds, ascending, `+Inf` last), all kinds together.
     pub transit_buckets: Vec<(f64, f64)>,
+    /// The same per `kind` label (`audio`, `video`).
+    pub transit_by_kind: HashMap<String, Vec<(f64, f64)>>,
 }
 
 /// Time forwarded packets spent in the SFU (socket arrival → every copy
@@ -288,17 +290,24 @@ pub struct TransitSummary {
 impl TransitSummary {
     /// The packets counted between two scrapes.
     pub fn between(before: &SfuCounters, after: &SfuCounters) -> Option<Self> {
-        let at = |c: &SfuCounters, le: f64| {
-            c.transit_buckets
+        Self::window(&before.transit_buckets, &after.transit_buckets)
+    }
+
+    /// The packets of one kind (`audio`, `video`) counted between two
+    /// scrapes.
+    pub fn between_kind(before: &SfuCounters, after: &SfuCounters, kind: &str) -> Option<Self> {
+        let before = before.transit_by_kind.get(kind).map_or(&[][..], |b| b);
+        Self::window(before, after.transit_by_kind.get(kind)?)
+    }
+
+    fn window(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<Self> {
+        let at = |le: f64| {
+            before
                 .iter()
                 .find(|(b, _)| *b == le)
                 .map_or(0.0, |(_, n)| *n)
         };
-        let window: Vec<(f64, f64)> = after
-            .transit_buckets
-            .iter()
-            .map(|(le, n)| (*le, n - at(before, *le)))
-            .collect();
+        let window: Vec<(f64, f64)> = after.iter().map(|(le, n)| (*le, n - at(*le))).collect();
         let total = window.last().map(|(_, n)| *n)?;
         if total <= 0.0 {
             return None;
@@ -329,6 +338,7 @@ impl SfuCounters {
         let mut c = Self::default();
         let mut drops: HashMap<String, f64> = HashMap::new();
         let mut transit: HashMap<u64, (f64, f64)> = HashMap::new();
+        let mut by_kind: HashMap<String, HashMap<u64, (f64, f64)>> = HashMap::new();
         for line in text.lines() {
             if line.starts_with('#') {
                 continue;
@@ -348,21 +358,21 @@ impl SfuCounters {
                 "conclave_sfu_forwarded_total" => c.forwarded += v,
                 "conclave_sfu_sessions" => c.sessions += v,
                 "conclave_sfu_transit_seconds_bucket" => {
-                    let le = name
-                        .split("le=\"")
-                        .nth(1)
-                        .and_then(|r| r.split('"').next())
-                        .and_then(|r| r.parse::<f64>().ok());
+                    let le = label(name, "le").and_then(|r| r.parse::<f64>().ok());
                     if let Some(le) = le {
                         transit.entry(le.to_bits()).or_insert((le, 0.0)).1 += v;
+                        if let Some(kind) = label(name, "kind") {
+                            by_kind
+                                .entry(kind.to_owned())
+                                .or_default()
+                                .entry(le.to_bits())
+                                .or_insert((le, 0.0))
+                                .1 += v;
+                        }
                     }
                 }
                 "conclave_sfu_drops_total" => {
-                    let reason = name
-                        .split("reason=\"")
-                        .nth(1)
-                        .and_then(|r| r.split('"').next())
-                        .unwrap_or("unknown");
+                    let reason = label(name, "reason").unwrap_or("unknown");
                     *drops.entry(reason.to_owned()).or_default() += v;
                 }
                 _ => {}
@@ -370,10 +380,25 @@ impl SfuCounters {
         }
         c.drops = drops.values().sum();
         c.drops_by_reason = drops;
-        c.transit_buckets = transit.into_values().collect();
-        c.transit_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let sorted = |m: HashMap<u64, (f64, f64)>| {
+            let mut v: Vec<(f64, f64)> = m.into_values().collect();
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            v
+        };
+        c.transit_buckets = sorted(transit);
+        c.transit_by_kind = by_kind.into_iter().map(|(k, m)| (k, sorted(m))).collect();
         c
     }
+}
+
+/// The value of label `key` in a Prometheus series name
+/// (`name{key="value",…}`).
+fn label<'a>(series: &'a str, key: &str) -> Option<&'a str> {
+    let labels = series.split_once('{')?.1;
+    labels.split(',').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().trim_end_matches('}').trim_matches('"'))
+    })
 }
 
 /// CPU time and resident memory of a process.
@@ -489,6 +514,43 @@ mod tests {
         assert_eq!(t.p99_at_most_ms, Some(50.0));
         assert!((t.over_20ms_percent.unwrap() - 4.0).abs() < 1e-9);
         assert_eq!(TransitSummary::between(&after, &after), None);
+    }
+
+    #[test]
+    fn transit_is_summed_over_kinds_and_kept_per_kind() {
+        let page = |audio: [u64; 3], video: [u64; 3]| {
+            let mut p = String::new();
+            for (kind, b) in [("audio", audio), ("video", video)] {
+                for (le, n) in ["0.001", "0.02", "+Inf"].iter().zip(b) {
+                    p.push_str(&format!(
+                        "conclave_sfu_transit_seconds_bucket{{kind=\"{kind}\",le=\"{le}\"}} {n}\n"
+                    ));
+                }
+            }
+            p
+        };
+        let before = SfuCounters::parse(&page([0, 0, 0], [0, 0, 0]));
+        // Audio: 100 packets, all ≤ 1 ms. Video: 100, 10 of them over 20 ms.
+        let after = SfuCounters::parse(&page([100, 100, 100], [50, 90, 100]));
+        let all = TransitSummary::between(&before, &after).unwrap();
+        assert_eq!(all.packets, 200.0);
+        assert!((all.over_20ms_percent.unwrap() - 5.0).abs() < 1e-9);
+        let audio = TransitSummary::between_kind(&before, &after, "audio").unwrap();
+        assert_eq!(audio.packets, 100.0);
+        assert_eq!(audio.p99_at_most_ms, Some(1.0));
+        let video = TransitSummary::between_kind(&before, &after, "video").unwrap();
+        assert_eq!(video.p50_at_most_ms, Some(1.0));
+        assert_eq!(video.p95_at_most_ms, None);
+        assert!((video.over_20ms_percent.unwrap() - 10.0).abs() < 1e-9);
+        // A kind first seen after the window opened counts from zero.
+        let empty = SfuCounters::parse("");
+        assert_eq!(
+            TransitSummary::between_kind(&empty, &after, "audio")
+                .unwrap()
+                .packets,
+            100.0
+        );
+        assert_eq!(TransitSummary::between_kind(&before, &after, "data"), None);
     }
 
     #[test]

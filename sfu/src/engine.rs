@@ -27,6 +27,7 @@ use crate::api::{
 use crate::demux::{PacketKind, binding_request_ufrag, classify};
 use crate::forward::{choose_layer, layer_of_rid, rank_speakers, vp8_info};
 use crate::guard::{DropReason, LiveEpochs};
+use crate::metrics::MediaKind;
 use crate::net::SendQueue;
 use crate::session::{BuildParams, InStream, Session, TokenBucket, negotiate};
 use crate::worker::{Command, Shared};
@@ -93,8 +94,8 @@ pub struct Engine {
     /// `forwarded{kind="audio"}` and `{kind="video"}`, resolved once.
     forwarded_audio: prometheus::IntCounter,
     forwarded_video: prometheus::IntCounter,
-    /// Whether a media packet was forwarded since [`Engine::take_forwarded`].
-    forwarded_since: bool,
+    /// The kind of media forwarded since [`Engine::take_forwarded`], if any.
+    forwarded_since: Option<MediaKind>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -135,13 +136,31 @@ impl Engine {
             inbox: Vec::new(),
             forwarded_audio,
             forwarded_video,
-            forwarded_since: false,
+            forwarded_since: None,
         }
     }
 
-    /// Whether the datagrams handled since the last call forwarded media.
-    pub(crate) fn take_forwarded(&mut self) -> bool {
-        std::mem::take(&mut self.forwarded_since)
+    /// What the datagram handled since the last call forwarded, if it
+    /// forwarded media.
+    pub(crate) fn take_forwarded(&mut self) -> Option<MediaKind> {
+        self.forwarded_since.take()
+    }
+
+    /// Whether a datagram is RTP from one of this worker's sessions on a
+    /// stream it publishes audio on: read from the clear RTP header (the
+    /// SSRC), so that a batch's audio can be forwarded before its video.
+    pub(crate) fn is_audio(&self, from: &SocketAddr, data: &[u8]) -> bool {
+        if classify(data) != PacketKind::Rtp {
+            return false;
+        }
+        let Some(ssrc) = data.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok()) else {
+            return false;
+        };
+        self.by_addr
+            .get(from)
+            .and_then(|sid| self.sessions.get(sid))
+            .and_then(|s| s.streams.get(&u32::from_be_bytes(ssrc)))
+            .is_some_and(|st| st.source == Source::Audio)
     }
 
     fn drop(&self, reason: &str) {
@@ -821,7 +840,13 @@ impl Engine {
                 payload: packet.payload.to_vec(),
             });
         }
-        self.forwarded_since |= forwarded > 0;
+        if forwarded > 0 {
+            self.forwarded_since = Some(if source.is_video() {
+                MediaKind::Video
+            } else {
+                MediaKind::Audio
+            });
+        }
         if source.is_video() {
             self.forwarded_video.inc_by(forwarded);
         } else {

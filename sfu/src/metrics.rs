@@ -36,8 +36,29 @@ pub struct SfuMetrics {
     pub srtp_profiles: IntCounterVec,
     /// Per forwarded media packet: from its arrival at the SFU's socket
     /// (kernel timestamp) until the SFU has handed every copy of it back
-    /// to the kernel. The latency the SFU adds, queueing included.
-    pub transit_seconds: Histogram,
+    /// to the kernel. The latency the SFU adds, queueing included. Label
+    /// `kind`: `audio` or `video` (camera and screen share).
+    pub transit_seconds: HistogramVec,
+}
+
+/// What a forwarded packet carried: the `kind` label of the forwarding
+/// metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MediaKind {
+    /// Opus.
+    Audio,
+    /// A camera or a screen share.
+    Video,
+}
+
+impl MediaKind {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Audio => "audio",
+            Self::Video => "video",
+        }
+    }
 }
 
 impl SfuMetrics {
@@ -94,7 +115,7 @@ impl SfuMetrics {
                 ),
                 &["profile"],
             )?,
-            transit_seconds: Histogram::with_opts(
+            transit_seconds: HistogramVec::new(
                 HistogramOpts::new(
                     "conclave_sfu_transit_seconds",
                     "Forwarded media packets: socket arrival to every copy sent",
@@ -103,6 +124,7 @@ impl SfuMetrics {
                     1e-4, 2.5e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3, 8e-3, 1e-2,
                     1.25e-2, 1.5e-2, 2e-2, 2.5e-2, 3e-2, 4e-2, 5e-2, 7.5e-2, 0.1, 0.25, 1.0,
                 ]),
+                &["kind"],
             )?,
         };
         registry.register(Box::new(m.packets_in.clone()))?;

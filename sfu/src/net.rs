@@ -50,6 +50,8 @@ pub fn wall_now() -> Duration {
 pub struct RecvBatch {
     bufs: Vec<[u8; MAX_DATAGRAM]>,
     headers: MultiHeaders<SockaddrStorage>,
+    /// Per datagram of the last [`RecvBatch::recv`]: sender, length, arrival.
+    meta: Vec<(Option<SocketAddr>, usize, Duration)>,
 }
 
 impl Default for RecvBatch {
@@ -57,19 +59,17 @@ impl Default for RecvBatch {
         Self {
             bufs: vec![[0u8; MAX_DATAGRAM]; BATCH],
             headers: MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(TimeSpec))),
+            meta: Vec::with_capacity(BATCH),
         }
     }
 }
 
 impl RecvBatch {
-    /// Receives up to [`BATCH`] datagrams without blocking and hands each
-    /// to `f` with its arrival time (wall clock, see [`wall_now`]). Returns
-    /// how many were received (0 when none are waiting).
-    pub fn recv<F: FnMut(SocketAddr, &[u8], Duration)>(
-        &mut self,
-        socket: &UdpSocket,
-        mut f: F,
-    ) -> io::Result<usize> {
+    /// Receives up to [`BATCH`] datagrams without blocking; [`RecvBatch::get`]
+    /// then hands them out. Returns how many were received (0 when none are
+    /// waiting).
+    pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        self.meta.clear();
         let mut slices: Vec<[IoSliceMut<'_>; 1]> = self
             .bufs
             .iter_mut()
@@ -87,7 +87,6 @@ impl RecvBatch {
             Err(e) => return Err(e.into()),
         };
         let received = wall_now();
-        let mut meta = Vec::with_capacity(BATCH);
         for msg in results {
             let addr = msg.address.and_then(|a: SockaddrStorage| to_std(&a));
             let arrival = msg
@@ -100,15 +99,18 @@ impl RecvBatch {
                     })
                 })
                 .unwrap_or(received);
-            meta.push((addr, msg.bytes, arrival));
+            self.meta.push((addr, msg.bytes, arrival));
         }
-        let n = meta.len();
-        for (i, (addr, len, arrival)) in meta.into_iter().enumerate() {
-            if let (Some(addr), Some(buf)) = (addr, self.bufs.get(i)) {
-                f(addr, &buf[..len.min(MAX_DATAGRAM)], arrival);
-            }
-        }
-        Ok(n)
+        Ok(self.meta.len())
+    }
+
+    /// Datagram `i` of the last receive: its sender, its bytes, and its
+    /// arrival time (wall clock, see [`wall_now`]). `None` past the end or
+    /// for a sender address that is not IP.
+    pub fn get(&self, i: usize) -> Option<(SocketAddr, &[u8], Duration)> {
+        let (addr, len, arrival) = *self.meta.get(i)?;
+        let buf = self.bufs.get(i)?;
+        Some((addr?, &buf[..len.min(MAX_DATAGRAM)], arrival))
     }
 }
 

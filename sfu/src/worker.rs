@@ -19,7 +19,7 @@ use crate::api::{
 };
 use crate::config::SfuConfig;
 use crate::engine::Engine;
-use crate::metrics::SfuMetrics;
+use crate::metrics::{MediaKind, SfuMetrics};
 use crate::net::{BATCH, RecvBatch, SendQueue, Waker, wait, wall_now};
 
 /// What a worker can be asked to do.
@@ -191,9 +191,11 @@ pub(crate) fn run(index: usize, shared: Arc<Shared>, socket: UdpSocket, inbox: R
     let mut engine = Engine::new(index, shared.clone(), Instant::now());
     let mut batch = RecvBatch::default();
     let mut out = SendQueue::default();
-    // Arrival times of this batch's datagrams that were forwarded.
-    let mut arrivals: Vec<Duration> = Vec::with_capacity(BATCH);
-    let transit = shared.metrics.transit_seconds.clone();
+    // Arrival times (and kinds) of the forwarded datagrams not yet sent.
+    let mut arrivals: Vec<(Duration, MediaKind)> = Vec::with_capacity(BATCH);
+    // Indices of a batch's datagrams that are not audio.
+    let mut later: Vec<usize> = Vec::with_capacity(BATCH);
+    let transit = Transit::new(&shared.metrics);
     let label = index.to_string();
     let loop_hist = shared
         .metrics
@@ -221,26 +223,40 @@ pub(crate) fn run(index: usize, shared: Arc<Shared>, socket: UdpSocket, inbox: R
                 _ => None,
             };
             engine.command(cmd, now);
-            if let Some(a) = arrival
-                && engine.take_forwarded()
-            {
-                arrivals.push(a);
+            if let (Some(a), Some(kind)) = (arrival, engine.take_forwarded()) {
+                arrivals.push((a, kind));
             }
         }
         // A bounded number of batches, so timers and commands stay fresh
         // under load.
         for _ in 0..8 {
             now = Instant::now();
-            let n = batch
-                .recv(&socket, |from, data, arrival| {
-                    engine.datagram(now, from, data, arrival);
-                    if engine.take_forwarded() {
-                        arrivals.push(arrival);
-                    }
-                })
-                .unwrap_or(0);
+            let n = batch.recv(&socket).unwrap_or(0);
+            // Audio first: a voice packet does not wait for the fan-out of
+            // the video (a key frame, say) that reached the socket with it.
+            later.clear();
+            for i in 0..n {
+                let Some((from, data, arrival)) = batch.get(i) else {
+                    continue;
+                };
+                if engine.is_audio(&from, data) {
+                    handle(&mut engine, &mut arrivals, now, from, data, arrival);
+                } else {
+                    later.push(i);
+                }
+            }
+            if !arrivals.is_empty() {
+                send(&shared, &mut engine, &mut out, &socket);
+                transit.observe(&mut arrivals);
+            }
+            for &i in &later {
+                let Some((from, data, arrival)) = batch.get(i) else {
+                    continue;
+                };
+                handle(&mut engine, &mut arrivals, now, from, data, arrival);
+            }
             send(&shared, &mut engine, &mut out, &socket);
-            observe_transit(&transit, &mut arrivals);
+            transit.observe(&mut arrivals);
             if n < BATCH {
                 break;
             }
@@ -267,15 +283,50 @@ pub(crate) fn run(index: usize, shared: Arc<Shared>, socket: UdpSocket, inbox: R
     );
 }
 
-/// Records how long each forwarded datagram of the batch just sent spent
-/// in the SFU.
-fn observe_transit(transit: &prometheus::Histogram, arrivals: &mut Vec<Duration>) {
-    if arrivals.is_empty() {
-        return;
+/// Hands one received datagram to the engine and notes its arrival if it
+/// forwarded media.
+fn handle(
+    engine: &mut Engine,
+    arrivals: &mut Vec<(Duration, MediaKind)>,
+    now: Instant,
+    from: SocketAddr,
+    data: &[u8],
+    arrival: Duration,
+) {
+    engine.datagram(now, from, data, arrival);
+    if let Some(kind) = engine.take_forwarded() {
+        arrivals.push((arrival, kind));
     }
-    let sent = wall_now();
-    for a in arrivals.drain(..) {
-        transit.observe(sent.saturating_sub(a).as_secs_f64());
+}
+
+/// The transit histogram's two series.
+struct Transit {
+    audio: prometheus::Histogram,
+    video: prometheus::Histogram,
+}
+
+impl Transit {
+    fn new(metrics: &SfuMetrics) -> Self {
+        let series = |k: MediaKind| metrics.transit_seconds.with_label_values(&[k.label()]);
+        Self {
+            audio: series(MediaKind::Audio),
+            video: series(MediaKind::Video),
+        }
+    }
+
+    /// Records how long each forwarded datagram just sent spent in the SFU.
+    fn observe(&self, arrivals: &mut Vec<(Duration, MediaKind)>) {
+        if arrivals.is_empty() {
+            return;
+        }
+        let sent = wall_now();
+        for (a, kind) in arrivals.drain(..) {
+            let h = match kind {
+                MediaKind::Audio => &self.audio,
+                MediaKind::Video => &self.video,
+            };
+            h.observe(sent.saturating_sub(a).as_secs_f64());
+        }
     }
 }
 
