@@ -96,6 +96,9 @@ pub struct Engine {
     forwarded_video: prometheus::IntCounter,
     /// The kind of media forwarded since [`Engine::take_forwarded`], if any.
     forwarded_since: Option<MediaKind>,
+    /// The send helper of [`Engine::flush`] (one thread), when sending in
+    /// parallel is configured.
+    helper: Option<rayon_core::ThreadPool>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -117,6 +120,17 @@ fn drop_label(reason: DropReason) -> &'static str {
 
 impl Engine {
     pub(crate) fn new(index: usize, shared: Arc<Shared>, now: Instant) -> Self {
+        let helper = shared.config.parallel_send_from.and_then(|_| {
+            rayon_core::ThreadPoolBuilder::new()
+                .num_threads(1)
+                // The worker's name first, so its CPU time counts as the worker's.
+                .thread_name(move |_| format!("sfu-worker-{index}-send"))
+                .build()
+                .map_err(|e| {
+                    tracing::warn!(worker = index, error = %e, "no send helper thread: sending from one thread");
+                })
+                .ok()
+        });
         let per_worker = (shared.config.global_pps / shared.workers_count().max(1) as u32).max(1);
         let forwarded_audio = shared.metrics.forwarded.with_label_values(&["audio"]);
         let forwarded_video = shared.metrics.forwarded.with_label_values(&["video"]);
@@ -137,6 +151,7 @@ impl Engine {
             forwarded_audio,
             forwarded_video,
             forwarded_since: None,
+            helper,
         }
     }
 
@@ -1205,19 +1220,21 @@ impl Engine {
     /// timer. Returns (datagrams, bytes) the kernel took.
     ///
     /// A large call's fan-out touches many sessions at once; from
-    /// [`crate::SfuConfig::parallel_send_from`] on, a second thread takes
-    /// half of them, so the per-copy work (the `rtc` write path with SRTP,
-    /// and `sendmmsg`) runs on two cores.
+    /// [`crate::SfuConfig::parallel_send_from`] on, the worker's send helper
+    /// (a thread that lives as long as the worker) takes half of them, so
+    /// the per-copy work (the `rtc` write path with SRTP, and `sendmmsg`)
+    /// runs on two cores.
     pub(crate) fn flush(&mut self, out: &mut SendQueue, socket: &UdpSocket) -> (u64, u64) {
         let mut touched = std::mem::take(&mut self.touched);
         touched.sort_unstable();
         touched.dedup();
-        let parallel = self
-            .shared
-            .config
-            .parallel_send_from
-            .is_some_and(|from| touched.len() >= from.max(2));
-        let (faulted, sent) = if parallel {
+        let helper = self.helper.as_ref().filter(|_| {
+            self.shared
+                .config
+                .parallel_send_from
+                .is_some_and(|from| touched.len() >= from.max(2))
+        });
+        let (faulted, sent) = if let Some(pool) = helper {
             let mut parts: Vec<(SessionId, &mut Session)> = self
                 .sessions
                 .iter_mut()
@@ -1226,29 +1243,30 @@ impl Engine {
                 .collect();
             let half = parts.len() / 2;
             let (a, b) = parts.split_at_mut(half);
-            let (mut faulted, sent, helper_lost) = std::thread::scope(|scope| {
-                // The send queue's system-call buffers stay on their thread,
-                // so the helper has its own.
-                let helper = scope.spawn(|| {
-                    let mut queue = SendQueue::default();
-                    let faulted = poll_writes(&mut *b, &mut queue);
-                    (faulted, queue.flush(socket))
+            let mut helped: Option<(Vec<SessionId>, (u64, u64))> = None;
+            let mut faulted = Vec::new();
+            let mut sent = (0, 0);
+            pool.in_place_scope(|scope| {
+                scope.spawn(|_| {
+                    // The send queue's system-call buffers stay on their
+                    // thread, so the helper has its own.
+                    helped = catch_unwind(AssertUnwindSafe(|| {
+                        let mut queue = SendQueue::default();
+                        let faulted = poll_writes(&mut *b, &mut queue);
+                        (faulted, queue.flush(socket))
+                    }))
+                    .ok();
                 });
-                let mut faulted = poll_writes(a, out);
-                let mut sent = out.flush(socket);
-                let lost = match helper.join() {
-                    Ok((f, (n, bytes))) => {
-                        faulted.extend(f);
-                        sent = (sent.0 + n, sent.1 + bytes);
-                        false
-                    }
-                    Err(_) => true,
-                };
-                (faulted, sent, lost)
+                faulted = poll_writes(a, out);
+                sent = out.flush(socket);
             });
-            // poll_writes catches panics; this is only a backstop.
-            if helper_lost {
-                faulted.extend(b.iter().map(|(sid, _)| *sid));
+            match helped {
+                Some((f, (n, bytes))) => {
+                    faulted.extend(f);
+                    sent = (sent.0 + n, sent.1 + bytes);
+                }
+                // poll_writes catches panics; this is only a backstop.
+                None => faulted.extend(b.iter().map(|(sid, _)| *sid)),
             }
             (faulted, sent)
         } else {
