@@ -12,6 +12,7 @@
 //! sending key moves only when the application says the group has moved
 //! ([`MlsAgent::switch_sending`]), which also asks for a key frame.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use conclave_protocol::sframe::{CipherSuite, EpochSecret, KeyRingConfig, KidLayout, LeafSet};
@@ -153,7 +154,8 @@ pub enum AgentEvent {
         /// The epoch now sent in.
         epoch: u64,
     },
-    /// Send a key frame so members who joined can start decoding.
+    /// Send a key frame so members who joined can start decoding (after
+    /// switching to an epoch that added members).
     KeyFrameRequested,
     /// This member was removed; every key was dropped.
     Removed,
@@ -192,6 +194,8 @@ pub struct MlsAgent {
     /// order: a commit's roster change is diffed against it, so the roster
     /// is walked once per epoch (at 500 members each walk clones 500 leaves).
     leaves: Vec<(u32, Vec<u8>)>,
+    /// Epochs, not yet sent in, whose commit added members.
+    added_epochs: BTreeSet<u64>,
 }
 
 impl std::fmt::Debug for MlsAgent {
@@ -223,6 +227,7 @@ impl MlsAgent {
                 retention: config.retention,
             }),
             leaves: Vec::new(),
+            added_epochs: BTreeSet::new(),
         }
     }
 
@@ -348,6 +353,9 @@ impl MlsAgent {
                         }
                     };
                     let (added, removed) = roster_change(&before, &self.leaves);
+                    if !added.is_empty() {
+                        self.added_epochs.insert(epoch);
+                    }
                     Ok(vec![AgentEvent::EpochChanged {
                         epoch,
                         added,
@@ -358,6 +366,7 @@ impl MlsAgent {
                     self.group = None;
                     self.crypto.clear();
                     self.leaves.clear();
+                    self.added_epochs.clear();
                     Ok(vec![AgentEvent::Removed])
                 }
                 CommitEffect::ReInit(_) => Err(AgentError::UnexpectedMessage("reinit")),
@@ -414,16 +423,29 @@ impl MlsAgent {
         }
     }
 
-    /// The group has moved to `epoch`: send in it from now on.
+    /// The group has moved to `epoch`: send in it from now on. Asks for a
+    /// key frame ([`AgentEvent::KeyFrameRequested`]) when an epoch since
+    /// the one sent in so far added members: they can decode video only
+    /// from a key frame under keys they hold. An epoch that only removed
+    /// members needs none (everyone left keeps their decoder state), which
+    /// spares a large call a burst of key frames on every leave.
     pub fn switch_sending(&mut self, epoch: u64) -> Result<Vec<AgentEvent>, AgentError> {
-        if self.crypto.send_epoch() == Some(epoch) {
+        let previous = self.crypto.send_epoch();
+        if previous == Some(epoch) {
             return Ok(Vec::new());
         }
         self.crypto.switch_sending(epoch)?;
-        Ok(vec![
-            AgentEvent::SendingSwitched { epoch },
-            AgentEvent::KeyFrameRequested,
-        ])
+        let joined = self
+            .added_epochs
+            .range(..=epoch)
+            .next_back()
+            .is_some_and(|a| previous.is_none_or(|p| *a > p));
+        self.added_epochs = self.added_epochs.split_off(&(epoch + 1));
+        let mut events = vec![AgentEvent::SendingSwitched { epoch }];
+        if joined || previous.is_none() {
+            events.push(AgentEvent::KeyFrameRequested);
+        }
+        Ok(events)
     }
 
     /// The current MLS epoch, if in a group.

@@ -78,7 +78,8 @@ pub enum CallEvent {
         /// New epoch.
         epoch: u64,
     },
-    /// Everyone holds `epoch`; sending now uses it. Send a key frame.
+    /// Everyone holds `epoch`; sending now uses it (and the session's
+    /// media sends a key frame if the epoch added members).
     EpochReady {
         /// Epoch now sent in.
         epoch: u64,
@@ -586,13 +587,16 @@ async fn serve(
             msg => msg,
         };
         let now = Instant::now();
-        let (replies, evs) = react(&mut lock(agent), server, call_id, msg, now);
+        let mut key_frame = false;
+        let (replies, evs) = react(&mut lock(agent), server, call_id, msg, now, &mut key_frame);
+        // Sending keys switched to an epoch that added members: the next
+        // video frame must be a key frame.
+        if key_frame {
+            media.want_key_frame();
+        }
         for e in evs {
-            match &e {
-                // Sending keys switched: the next video frame must be a key frame.
-                CallEvent::EpochReady { .. } => media.want_key_frame(),
-                CallEvent::Removed(_) => media.close("removed from the call"),
-                _ => {}
+            if let CallEvent::Removed(_) = &e {
+                media.close("removed from the call");
             }
             emit(e);
         }
@@ -611,13 +615,15 @@ fn mls_failure(what: &str, e: &AgentError) -> CallEvent {
     }
 }
 
-/// One server message in, replies and events out.
+/// One server message in, replies and events out; `key_frame` is set when
+/// the outgoing video needs a key frame.
 fn react(
     agent: &mut MlsAgent,
     server: &mls_rs::identity::SigningIdentity,
     call_id: &str,
     msg: ServerMessage,
     now: Instant,
+    key_frame: &mut bool,
 ) -> (Vec<ClientMessage>, Vec<CallEvent>) {
     let call = || call_id.to_owned();
     let ack = |agent: &MlsAgent| ClientMessage::EpochAck {
@@ -691,7 +697,10 @@ fn react(
             Err(e) => (Vec::new(), vec![mls_failure("welcome", &e)]),
         },
         ServerMessage::EpochReady { epoch, .. } => match agent.switch_sending(epoch) {
-            Ok(_) => (Vec::new(), vec![CallEvent::EpochReady { epoch }]),
+            Ok(ev) => {
+                *key_frame = ev.contains(&AgentEvent::KeyFrameRequested);
+                (Vec::new(), vec![CallEvent::EpochReady { epoch }])
+            }
             Err(e) => (Vec::new(), vec![mls_failure("switching keys", &e)]),
         },
         ServerMessage::Removed { reason, .. } => (Vec::new(), vec![CallEvent::Removed(reason)]),

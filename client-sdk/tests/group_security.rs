@@ -430,6 +430,64 @@ fn sending_switches_only_when_told_and_asks_for_a_key_frame() {
 }
 
 #[test]
+fn only_epochs_that_added_members_ask_for_a_key_frame() {
+    let mut call = Call::new(4);
+    // A removal alone: switch, no key frame (nobody new must start decoding).
+    let remove = |call: &mut Call, leaf: u32| {
+        let proposal = call.ds.propose_remove(leaf).unwrap();
+        call.broadcast(&proposal);
+        let bundle = call.member(0).commit_pending().unwrap().unwrap();
+        let accepted = call.ds.accept_commit(&bundle.commit).unwrap();
+        call.members[leaf as usize] = None;
+        call.broadcast(&bundle.commit);
+        accepted.epoch
+    };
+    let e = remove(&mut call, 3);
+    assert_eq!(
+        call.member(1).switch_sending(e).unwrap(),
+        vec![AgentEvent::SendingSwitched { epoch: e }]
+    );
+    // An addition, then a removal before anyone switched: switching
+    // straight to the latest epoch still asks for the joiner's key frame.
+    let joiner = agent(5);
+    let joiner_principal = joiner.identity().principal().clone();
+    let proposal = call.ds.propose_add(&joiner.key_package().unwrap()).unwrap();
+    call.broadcast(&proposal);
+    let bundle = call.member(0).commit_pending().unwrap().unwrap();
+    call.ds.accept_commit(&bundle.commit).unwrap();
+    call.broadcast(&bundle.commit);
+    let joiner_leaf = call.ds.leaf_of(&joiner_principal).unwrap();
+    let latest = remove(&mut call, 2);
+    assert_eq!(
+        call.member(1).switch_sending(latest).unwrap(),
+        vec![
+            AgentEvent::SendingSwitched { epoch: latest },
+            AgentEvent::KeyFrameRequested
+        ]
+    );
+    // The addition is not asked for twice; a member that had not switched
+    // past it yet still asks.
+    let after = remove(&mut call, joiner_leaf);
+    assert_eq!(
+        call.member(1).switch_sending(after).unwrap(),
+        vec![AgentEvent::SendingSwitched { epoch: after }]
+    );
+    assert_eq!(
+        call.member(0).switch_sending(after).unwrap(),
+        vec![
+            AgentEvent::SendingSwitched { epoch: after },
+            AgentEvent::KeyFrameRequested
+        ],
+        "member 0 had not switched past the addition yet"
+    );
+    assert_eq!(
+        call.member(0).switch_sending(after).unwrap(),
+        vec![],
+        "already sending in it"
+    );
+}
+
+#[test]
 fn delivery_service_accepts_exactly_one_commit_per_epoch() {
     let mut call = Call::new(5);
     let proposal = call.ds.propose_remove(4).unwrap();

@@ -439,6 +439,7 @@ async fn run_inner(
             }
         };
         let now = Instant::now();
+        tracing::trace!(participant = id, msg = ?env.msg, "server message");
         match env.msg {
             ServerMessage::MediaAnswer { sdp, .. } => {
                 shared
@@ -548,10 +549,17 @@ async fn run_inner(
                 lock(&rec.present).insert(id);
             }
             ServerMessage::EpochReady { epoch, .. } => {
-                if let Err(e) = lock(&agent).switch_sending(epoch) {
-                    tracing::debug!(participant = id, error = %e, "switching keys failed");
+                // A key frame when the epoch added members (as the client
+                // SDK does); the SFU's key-frame requests come on top.
+                match lock(&agent).switch_sending(epoch) {
+                    Ok(ev) if ev.contains(&AgentEvent::KeyFrameRequested) => {
+                        key_frame.store(true, Ordering::Release);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(participant = id, error = %e, "switching keys failed");
+                    }
                 }
-                key_frame.store(true, Ordering::Release);
                 let mut leaves = lock(&rec.leaves);
                 for w in leaves.iter_mut() {
                     let removed_at = w

@@ -311,7 +311,8 @@ pub struct MediaTotals {
     pub rtp_lost: u64,
     /// Key-frame requests (PLI) sent to the SFU.
     pub pli_sent: u64,
-    /// Key-frame requests received from the SFU (PLI/FIR) or the epoch.
+    /// Key frames sent: on request from the SFU (PLI/FIR), on switching to
+    /// an epoch that added members, and periodically.
     pub key_frames_sent: u64,
     /// One frame in this many was decrypted at each receiver.
     pub decrypt_every: u32,
