@@ -257,7 +257,7 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
             .map_or_else(|| "-".to_owned(), |v| v.to_string())
     );
     println!(
-        "server: CPU {:.1}% (max {:.1}%), RSS max {:.1} MiB, in {:.0} pkt/s {:.2} Mbit/s, out {:.0} pkt/s {:.2} Mbit/s, {:.0} forwarded/s, {} us CPU per forwarded packet",
+        "server: CPU {:.1}% (max {:.1}%), RSS max {:.1} MiB, in {:.0} pkt/s {:.2} Mbit/s, out {:.0} pkt/s {:.2} Mbit/s ({}% in UDP GSO sends), {:.0} forwarded/s, {} us CPU per forwarded packet",
         s.cpu_percent_mean,
         s.cpu_percent_max,
         s.rss_mib_max,
@@ -265,6 +265,7 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
         s.bits_in_per_s / 1e6,
         s.packets_out_per_s,
         s.bits_out_per_s / 1e6,
+        f(s.gso_percent),
         s.forwarded_per_s,
         f(s.cpu_us_per_forwarded_packet)
     );

@@ -379,6 +379,11 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
             format!("{:.0} / {:.0}", srv.packets_in_per_s, srv.packets_out_per_s),
         ),
         (
+            "SFU datagrams out in UDP GSO sends (%)",
+            srv.gso_percent
+                .map_or_else(|| "-".to_owned(), |p| format!("{p:.1}")),
+        ),
+        (
             "SFU Mbit/s in / out (its /metrics)",
             format!(
                 "{:.2} / {:.2}",

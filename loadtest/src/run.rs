@@ -152,6 +152,10 @@ pub struct ServerResult {
     pub packets_in_per_s: f64,
     /// Datagrams out per second.
     pub packets_out_per_s: f64,
+    /// Share of the datagrams out that left in UDP GSO sends (a run of
+    /// packets to one subscriber per system-call message), percent;
+    /// `None` for a server without the counter (Janus).
+    pub gso_percent: Option<f64>,
     /// Bits in per second.
     pub bits_in_per_s: f64,
     /// Bits out per second.
@@ -702,6 +706,9 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
         let out = c1.packets_out - c0.packets_out;
         if out > 0.0 {
             srv.cpu_us_per_datagram_out = Some(cpu * 1e6 / out);
+            if c1.gso_datagrams > 0.0 {
+                srv.gso_percent = Some((c1.gso_datagrams - c0.gso_datagrams) * 100.0 / out);
+            }
         }
     }
     let in_window = server_timeline

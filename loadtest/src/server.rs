@@ -255,6 +255,8 @@ pub struct SfuCounters {
     pub packets_out: f64,
     /// Bytes sent.
     pub bytes_out: f64,
+    /// Datagrams sent inside UDP GSO sends (part of `packets_out`).
+    pub gso_datagrams: f64,
     /// RTP packets forwarded (all kinds).
     pub forwarded: f64,
     /// Packets dropped (all reasons).
@@ -355,6 +357,7 @@ impl SfuCounters {
                 "conclave_sfu_bytes_in_total" => c.bytes_in += v,
                 "conclave_sfu_packets_out_total" => c.packets_out += v,
                 "conclave_sfu_bytes_out_total" => c.bytes_out += v,
+                "conclave_sfu_gso_datagrams_total" => c.gso_datagrams += v,
                 "conclave_sfu_forwarded_total" => c.forwarded += v,
                 "conclave_sfu_sessions" => c.sessions += v,
                 "conclave_sfu_transit_seconds_bucket" => {
@@ -481,9 +484,11 @@ mod tests {
             conclave_sfu_forwarded_total{kind=\"audio\"} 5\n\
             conclave_sfu_forwarded_total{kind=\"video\"} 7\n\
             conclave_sfu_drops_total{reason=\"stale_epoch\"} 2\n\
-            conclave_sfu_sessions 3\n";
+            conclave_sfu_sessions 3\n\
+            conclave_sfu_gso_datagrams_total 4\n";
         let c = SfuCounters::parse(page);
         assert_eq!(c.packets_in, 10.0);
+        assert_eq!(c.gso_datagrams, 4.0);
         assert_eq!(c.forwarded, 12.0);
         assert_eq!(c.drops, 2.0);
         assert_eq!(c.drops_by_reason.get("stale_epoch"), Some(&2.0));

@@ -35,6 +35,9 @@ pub struct SfuConfig {
     /// sessions with datagrams to send, a worker sends them from two
     /// threads. `None`: always one (the default on a single core).
     pub parallel_send_from: Option<usize>,
+    /// Send a run of datagrams to one subscriber (a video frame's packets)
+    /// as one UDP GSO send (`UDP_SEGMENT`) when the kernel allows it.
+    pub udp_gso: bool,
 }
 
 impl Default for SfuConfig {
@@ -54,6 +57,7 @@ impl Default for SfuConfig {
             parallel_send_from: std::thread::available_parallelism()
                 .is_ok_and(|n| n.get() > 1)
                 .then_some(32),
+            udp_gso: true,
         }
     }
 }

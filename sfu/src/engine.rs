@@ -99,6 +99,8 @@ pub struct Engine {
     /// The send helper of [`Engine::flush`] (one thread), when sending in
     /// parallel is configured.
     helper: Option<rayon_core::ThreadPool>,
+    /// The helper's send queue.
+    helper_queue: SendQueue,
 }
 
 impl std::fmt::Debug for Engine {
@@ -131,6 +133,7 @@ impl Engine {
                 })
                 .ok()
         });
+        let gso = shared.config.udp_gso;
         let per_worker = (shared.config.global_pps / shared.workers_count().max(1) as u32).max(1);
         let forwarded_audio = shared.metrics.forwarded.with_label_values(&["audio"]);
         let forwarded_video = shared.metrics.forwarded.with_label_values(&["video"]);
@@ -151,6 +154,7 @@ impl Engine {
             forwarded_audio,
             forwarded_video,
             forwarded_since: None,
+            helper_queue: SendQueue::new(gso),
             helper,
         }
     }
@@ -1244,15 +1248,15 @@ impl Engine {
             let half = parts.len() / 2;
             let (a, b) = parts.split_at_mut(half);
             let mut helped: Option<(Vec<SessionId>, (u64, u64))> = None;
+            // The send queue's system-call buffers stay on their thread, so
+            // the helper has its own.
+            let queue = &mut self.helper_queue;
             let mut faulted = Vec::new();
             let mut sent = (0, 0);
             pool.in_place_scope(|scope| {
                 scope.spawn(|_| {
-                    // The send queue's system-call buffers stay on their
-                    // thread, so the helper has its own.
                     helped = catch_unwind(AssertUnwindSafe(|| {
-                        let mut queue = SendQueue::default();
-                        let faulted = poll_writes(&mut *b, &mut queue);
+                        let faulted = poll_writes(&mut *b, queue);
                         (faulted, queue.flush(socket))
                     }))
                     .ok();
@@ -1266,7 +1270,10 @@ impl Engine {
                     sent = (sent.0 + n, sent.1 + bytes);
                 }
                 // poll_writes catches panics; this is only a backstop.
-                None => faulted.extend(b.iter().map(|(sid, _)| *sid)),
+                None => {
+                    self.helper_queue.clear();
+                    faulted.extend(b.iter().map(|(sid, _)| *sid));
+                }
             }
             (faulted, sent)
         } else {
@@ -1278,6 +1285,10 @@ impl Engine {
             }
             (faulted, out.flush(socket))
         };
+        self.shared
+            .metrics
+            .gso_datagrams
+            .inc_by(out.take_segmented() + self.helper_queue.take_segmented());
         for sid in faulted {
             self.close(sid, DownReason::Fault);
         }

@@ -16,6 +16,9 @@ pub struct SfuMetrics {
     pub packets_out: IntCounter,
     /// Bytes sent.
     pub bytes_out: IntCounter,
+    /// Datagrams sent inside UDP GSO sends (a run of packets to one
+    /// subscriber in one system-call message); part of `packets_out`.
+    pub gso_datagrams: IntCounter,
     /// RTP packets forwarded to a subscriber, by kind (audio, video).
     pub forwarded: IntCounterVec,
     /// Packets dropped, by reason.
@@ -69,6 +72,10 @@ impl SfuMetrics {
             bytes_in: IntCounter::new("conclave_sfu_bytes_in_total", "Bytes received")?,
             packets_out: IntCounter::new("conclave_sfu_packets_out_total", "Datagrams sent")?,
             bytes_out: IntCounter::new("conclave_sfu_bytes_out_total", "Bytes sent")?,
+            gso_datagrams: IntCounter::new(
+                "conclave_sfu_gso_datagrams_total",
+                "Datagrams sent inside UDP GSO sends",
+            )?,
             forwarded: IntCounterVec::new(
                 Opts::new(
                     "conclave_sfu_forwarded_total",
@@ -131,6 +138,7 @@ impl SfuMetrics {
         registry.register(Box::new(m.bytes_in.clone()))?;
         registry.register(Box::new(m.packets_out.clone()))?;
         registry.register(Box::new(m.bytes_out.clone()))?;
+        registry.register(Box::new(m.gso_datagrams.clone()))?;
         registry.register(Box::new(m.forwarded.clone()))?;
         registry.register(Box::new(m.drops.clone()))?;
         registry.register(Box::new(m.sessions.clone()))?;

@@ -190,7 +190,7 @@ impl Shared {
 pub(crate) fn run(index: usize, shared: Arc<Shared>, socket: UdpSocket, inbox: Receiver<Command>) {
     let mut engine = Engine::new(index, shared.clone(), Instant::now());
     let mut batch = RecvBatch::default();
-    let mut out = SendQueue::default();
+    let mut out = SendQueue::new(shared.config.udp_gso);
     // Arrival times (and kinds) of the forwarded datagrams not yet sent.
     let mut arrivals: Vec<(Duration, MediaKind)> = Vec::with_capacity(BATCH);
     // Indices of a batch's datagrams that are not audio.

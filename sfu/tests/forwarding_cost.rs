@@ -5,6 +5,9 @@
 //!
 //! Ignored by default (a measurement, not a check):
 //! `CONCLAVE_FWD_N=100 cargo test --release -p conclave-sfu --test forwarding_cost -- --ignored --nocapture`
+//!
+//! `CONCLAVE_FWD_FRAME_PACKETS=k` makes each video frame k packets sent
+//! back to back (default 1); `CONCLAVE_FWD_GSO=0` turns UDP GSO off.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 #[path = "support/peer.rs"]
@@ -51,11 +54,14 @@ async fn cpu_per_forwarded_packet() {
     let packets = env_usize("CONCLAVE_FWD_PACKETS", 2000);
     let workers = env_usize("CONCLAVE_FWD_WORKERS", 1);
     let congestion_control = env_usize("CONCLAVE_FWD_CC", 0) == 1;
+    let frame_packets = env_usize("CONCLAVE_FWD_FRAME_PACKETS", 1).max(1);
+    let udp_gso = env_usize("CONCLAVE_FWD_GSO", 1) == 1;
     let metrics = SfuMetrics::unregistered();
     let (sfu, _events) = Sfu::start(
         SfuConfig {
             workers,
             congestion_control,
+            udp_gso,
             ..SfuConfig::loopback()
         },
         metrics.clone(),
@@ -107,7 +113,7 @@ async fn cpu_per_forwarded_packet() {
     };
     let mut audio = FrameEncryptor::new(key(0));
     let mut video = FrameEncryptor::new(key(1));
-    let mut buf = vec![0u8; 1400];
+    let mut buf = vec![0u8; 1000 * frame_packets + 400];
     let publisher = &peers[0];
     // Prime the video slots with a key frame, then measure.
     let mut key_frame = vec![0x50u8, 0x2a, 0x00, 0x9d, 0x01, 0x2a, 0x40, 0x01, 0xf0, 0x00];
@@ -136,7 +142,7 @@ async fn cpu_per_forwarded_packet() {
     let out0 = metrics.packets_out.get();
     let started = Instant::now();
     let mut delta = vec![0x31u8, 0x02, 0x00];
-    delta.extend([7u8; 1000]);
+    delta.extend(std::iter::repeat_n(7u8, 1000 * frame_packets));
     for i in 0..packets {
         if i % 2 == 0 {
             let len = audio
@@ -150,12 +156,16 @@ async fn cpu_per_forwarded_packet() {
             let len = video
                 .encrypt(Codec::Vp8, &delta, &mut buf)
                 .expect("encrypt");
-            let mut payload = vec![0x10];
-            payload.extend(&buf[..len]);
-            publisher
-                .send_video(&payload, true, 3000)
-                .await
-                .expect("video");
+            let parts: Vec<&[u8]> = buf[..len].chunks(len.div_ceil(frame_packets)).collect();
+            for (j, part) in parts.iter().enumerate() {
+                let mut payload = vec![if j == 0 { 0x10 } else { 0x00 }];
+                payload.extend(*part);
+                let last = j + 1 == parts.len();
+                publisher
+                    .send_video(&payload, last, if last { 3000 } else { 0 })
+                    .await
+                    .expect("video");
+            }
         }
         if i % 4 == 3 {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -172,14 +182,15 @@ async fn cpu_per_forwarded_packet() {
     for p in &peers[1..] {
         received += p.drain().await;
     }
+    let expected = packets / 2 * (1 + frame_packets);
     let per_fwd = cpu as f64 / 1000.0 / forwarded.max(1) as f64;
     println!(
-        "N={n} workers={workers} cc={congestion_control}: {packets} packets published, \
+        "N={n} workers={workers} cc={congestion_control} gso={udp_gso} frame={frame_packets}: {packets} sends, \
          {forwarded} forwarded ({:.1}% of {}), {received} received by subscribers, \
          datagrams in {inbound} out {outbound}; SFU worker CPU {:.1} ms \
          over {:.2} s => {per_fwd:.2} µs per forwarded packet, {:.0} forwarded packets/s per core",
-        100.0 * forwarded as f64 / (packets * n) as f64,
-        packets * n,
+        100.0 * forwarded as f64 / (expected * n) as f64,
+        expected * n,
         cpu as f64 / 1e6,
         elapsed.as_secs_f64(),
         1e6 / per_fwd,

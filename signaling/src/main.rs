@@ -52,6 +52,10 @@ struct Args {
     /// SFU worker threads [default: one per CPU].
     #[arg(long, env = "CONCLAVE_SFU_WORKERS")]
     sfu_workers: Option<usize>,
+    /// Send a video frame's packets to a subscriber as one UDP GSO send
+    /// where the kernel allows it [default: true].
+    #[arg(long, env = "CONCLAVE_SFU_GSO")]
+    sfu_gso: Option<bool>,
     /// Run signaling only, without the embedded SFU.
     #[arg(long, env = "CONCLAVE_NO_SFU")]
     no_sfu: bool,
@@ -73,6 +77,7 @@ struct FileConfig {
     sfu_bind: Option<SocketAddr>,
     sfu_advertised_ip: Option<IpAddr>,
     sfu_workers: Option<usize>,
+    sfu_gso: Option<bool>,
     no_sfu: Option<bool>,
     web_dir: Option<PathBuf>,
 }
@@ -162,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
                 .sfu_workers
                 .or(file.sfu_workers)
                 .unwrap_or(defaults.workers),
+            udp_gso: args.sfu_gso.or(file.sfu_gso).unwrap_or(defaults.udp_gso),
             ..defaults
         };
         let metrics = SfuMetrics::new(&sfu_registry).context("SFU metrics")?;
