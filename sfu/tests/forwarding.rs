@@ -61,6 +61,20 @@ async fn join(h: &Harness, name: &str, spec: PeerSpec) -> (TestPeer, u64) {
     (peer, answer.session)
 }
 
+/// Joins `n` receive-only participants (`u:sub{i}/d`) with these slots.
+async fn join_subscribers(h: &Harness, n: usize, audio: usize, video: usize) -> Vec<TestPeer> {
+    let mut subscribers = Vec::new();
+    for i in 0..n {
+        let spec = PeerSpec {
+            recv_audio_slots: audio,
+            recv_video_slots: video,
+            ..Default::default()
+        };
+        subscribers.push(join(h, &format!("u:sub{i}/d"), spec).await.0);
+    }
+    subscribers
+}
+
 /// An SFrame sender for one participant (leaf) and stream.
 struct Sender {
     enc: FrameEncryptor,
@@ -156,20 +170,7 @@ async fn one_publisher_many_subscribers_every_packet_arrives() {
     )
     .await;
     const N: usize = 6;
-    let mut subscribers = Vec::new();
-    for i in 0..N {
-        let (p, _) = join(
-            &h,
-            &format!("u:sub{i}/d"),
-            PeerSpec {
-                recv_audio_slots: 3,
-                recv_video_slots: 2,
-                ..Default::default()
-            },
-        )
-        .await;
-        subscribers.push(p);
-    }
+    let subscribers = join_subscribers(&h, N, 3, 2).await;
 
     let mut audio = Sender::new(EPOCH, 1, 0);
     let mut video = Sender::new(EPOCH, 1, 1);
@@ -293,19 +294,7 @@ async fn bursts_of_multi_packet_frames_arrive_whole_and_in_order() {
     )
     .await;
     const N: usize = 4;
-    let mut subscribers = Vec::new();
-    for i in 0..N {
-        let (p, _) = join(
-            &h,
-            &format!("u:sub{i}/d"),
-            PeerSpec {
-                recv_video_slots: 1,
-                ..Default::default()
-            },
-        )
-        .await;
-        subscribers.push(p);
-    }
+    let subscribers = join_subscribers(&h, N, 0, 1).await;
     let mut video = Sender::new(EPOCH, 1, 1);
     const FRAMES: usize = 8;
     const PER_FRAME: usize = 4;
