@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use conclave_protocol::sframe::Codec;
-use rtc::interceptor::{Gcc, Registry, Slot as ChainSlot};
+use rtc::interceptor::{
+    Gcc, NackResponderBuilder, Registry, SenderReportBuilder, Slot as ChainSlot,
+};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
@@ -294,6 +296,50 @@ fn rtc_err(e: impl std::fmt::Display) -> SfuError {
     SfuError::Rtc(e.to_string())
 }
 
+/// Where the [`Tap`] sits in a session's interceptor chain: at the
+/// application end.
+const TAP_SLOT: ChainSlot = ChainSlot::Custom(20_000);
+
+/// A session's interceptor chain (without the [`Tap`]), and what it
+/// negotiates on `media`: NACK, PLI, the RTCP reports and transport-wide
+/// feedback for every session, and send-side congestion control with `bwe`.
+///
+/// A client that sends nothing (`sends_media` false: a listener, a
+/// recorder) has no media coming in, so its chain leaves out what acts only
+/// on received media, the NACK generator, the receiver reports and (without
+/// `bwe`) the TWCC arrival recorder: they would only hand on every packet
+/// sent to it. The negotiation is the same either way.
+fn interceptors(
+    media: &mut MediaEngine,
+    sends_media: bool,
+    bwe: bool,
+) -> Result<Registry, SfuError> {
+    let mut registry = configure_rtcp_reports(configure_nack(Registry::new(), media));
+    if !sends_media {
+        registry = Registry::new()
+            .with(
+                ChainSlot::NackResponder,
+                NackResponderBuilder::new().build(),
+            )
+            .with(ChainSlot::SenderReport, SenderReportBuilder::new().build());
+    }
+    if bwe {
+        return configure_congestion_control(
+            registry,
+            Gcc::default(),
+            CongestionFeedback::Twcc,
+            media,
+        )
+        .map_err(rtc_err);
+    }
+    if sends_media {
+        configure_twcc_receiver_only(registry, media).map_err(rtc_err)
+    } else {
+        configure_twcc_receiver_only(Registry::new(), media).map_err(rtc_err)?;
+        Ok(registry)
+    }
+}
+
 /// Negotiates a session: builds the peer connection, adds one sending
 /// transceiver per receive slot the offer asks for (up to the limits),
 /// applies the offer and produces the answer.
@@ -339,26 +385,14 @@ pub fn negotiate(
             .map_err(rtc_err)?;
     }
     let tap = Arc::new(TapState::default());
-    let mut registry = Registry::new();
-    registry = configure_nack(registry, &mut media);
-    registry = configure_rtcp_reports(registry);
     // Send-side estimation needs the subscriber's transport-wide feedback;
     // without it GCC would hold the initial 300 kbit/s and the pacer would
     // throttle everything to that.
     let twcc = offer_sdp.contains("transport-wide-cc-extensions");
     let bwe = params.congestion_control && twcc;
-    registry = if bwe {
-        configure_congestion_control(
-            registry,
-            Gcc::default(),
-            CongestionFeedback::Twcc,
-            &mut media,
-        )
-        .map_err(rtc_err)?
-    } else {
-        configure_twcc_receiver_only(registry, &mut media).map_err(rtc_err)?
-    };
-    registry = registry.with(ChainSlot::from(20_000), Tap::new(tap.clone()));
+    let sends_media = lines.iter().any(|l| l.sends);
+    let registry =
+        interceptors(&mut media, sends_media, bwe)?.with(TAP_SLOT, Tap::new(tap.clone()));
 
     let ufrag = random_token(16);
     let pwd = random_token(32);
@@ -551,6 +585,38 @@ mod tests {
         assert!(!lines[2].sends && lines[2].receives);
         assert!(!lines[3].sends && !lines[3].receives);
         assert_eq!(lines[2].mid, "2");
+    }
+
+    #[test]
+    fn clients_that_send_nothing_get_no_interceptors_for_received_media() {
+        let chain = |sends_media: bool, bwe: bool| -> Vec<ChainSlot> {
+            let (opus, vp8) = codecs();
+            let mut media = MediaEngine::default();
+            media.register_codec(opus, RtpCodecKind::Audio).unwrap();
+            media.register_codec(vp8, RtpCodecKind::Video).unwrap();
+            let registry = interceptors(&mut media, sends_media, bwe).unwrap();
+            registry.slots().into_iter().map(|(slot, _)| slot).collect()
+        };
+        use ChainSlot::*;
+        assert_eq!(
+            chain(true, false),
+            [
+                NackResponder,
+                NackGenerator,
+                TwccReceiver,
+                ReceiverReport,
+                SenderReport
+            ]
+        );
+        assert_eq!(chain(false, false), [NackResponder, SenderReport]);
+        let congestion = [CongestionControl, TwccSender, Pacer, NackResponder];
+        let mut full = congestion.to_vec();
+        full.extend([NackGenerator, TwccReceiver, ReceiverReport, SenderReport]);
+        assert_eq!(chain(true, true), full);
+        let mut listener = congestion.to_vec();
+        // Congestion control brings its own arrival recorder.
+        listener.extend([TwccReceiver, SenderReport]);
+        assert_eq!(chain(false, true), listener);
     }
 
     #[test]
