@@ -85,6 +85,12 @@ struct RunArgs {
     /// Janus `event_loops` (0: Janus's default, one thread per handle).
     #[arg(long, default_value_t = 0)]
     janus_event_loops: u32,
+    /// Once the servers under test are up, lower the load generator's CPU
+    /// priority to this niceness (0-19), so that on a machine it shares
+    /// with them the scheduler runs the server first and the time in the
+    /// SFU is the SFU's own. 0 leaves the priorities equal.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    generator_nice: i32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -136,9 +142,26 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         decrypt_every: a.decrypt_every,
         progress: !a.quiet,
         media_ip,
+        generator_nice: a.generator_nice,
     };
+    let janus_options = JanusOptions {
+        binary: a.janus_bin.clone(),
+        lib_dir: a.janus_lib.clone(),
+        media_ip: a.janus_media_ip,
+        event_loops: a.janus_event_loops,
+    };
+    // A server started after the load generator lowered its priority would
+    // inherit the lower priority: with both targets, Janus starts (and
+    // idles) before the Conclave run.
+    let janus =
+        if a.target == TargetArg::Janus || (a.target == TargetArg::Both && a.generator_nice > 0) {
+            Some(JanusServer::start(&janus_options).await?)
+        } else {
+            None
+        };
     let mut results = Vec::new();
     if a.target != TargetArg::Janus {
+        // On an error, dropping a started Janus stops it.
         let r = run_conclave(&a, opts(IpAddr::from([127, 0, 0, 1]))).await?;
         let dir = write_results(&a.results, &r)?;
         print_summary(&r, &dir);
@@ -149,13 +172,10 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
             // Let the machine settle between the two runs.
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;
         }
-        let mut janus = JanusServer::start(&JanusOptions {
-            binary: a.janus_bin.clone(),
-            lib_dir: a.janus_lib.clone(),
-            media_ip: a.janus_media_ip,
-            event_loops: a.janus_event_loops,
-        })
-        .await?;
+        let mut janus = match janus {
+            Some(j) => j,
+            None => JanusServer::start(&janus_options).await?,
+        };
         let r = run(Target::Janus(&janus), opts(a.janus_media_ip)).await;
         janus.stop();
         let r = r.with_context(|| format!("Janus log: {}", janus.log_path().display()))?;
@@ -299,8 +319,8 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
         f(s.kib_per_participant)
     );
     println!(
-        "load generator CPU {:.1}% of a core",
-        s.loadgen_cpu_percent_mean
+        "load generator CPU {:.1}% of a core (niceness {})",
+        s.loadgen_cpu_percent_mean, r.generator_nice
     );
     let mut drops: Vec<String> = r
         .sfu_drops_by_reason

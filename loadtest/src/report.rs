@@ -445,6 +445,10 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
             "load generator CPU mean (% of a core)",
             format!("{:.1}", srv.loadgen_cpu_percent_mean),
         ),
+        (
+            "load generator niceness (0: same CPU priority as the server)",
+            r.generator_nice.to_string(),
+        ),
         ("MLS commits sent", r.commits_sent.to_string()),
     ];
     for (k, v) in rows {
@@ -655,6 +659,13 @@ pub fn comparison_rows(c: &RunResult, j: &RunResult) -> Vec<ComparisonRow> {
             "decryption failures",
             Some(cm.decrypt_failures as f64),
             Some(jm.decrypt_failures as f64),
+            0,
+            false,
+        ),
+        row(
+            "load generator niceness (0: same CPU priority as the SFU)",
+            Some(f64::from(c.generator_nice)),
+            Some(f64::from(j.generator_nice)),
             0,
             false,
         ),

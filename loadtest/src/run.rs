@@ -37,6 +37,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Address the participants' UDP sockets bind to.
     pub media_ip: IpAddr,
+    /// Niceness the load generator lowers its threads to before the run
+    /// (see [`lower_own_priority`]); 0 leaves them alone.
+    pub generator_nice: i32,
 }
 
 /// The server a run measures.
@@ -235,6 +238,9 @@ pub struct RunResult {
     pub server_errors: HashMap<String, u64>,
     /// Packets the SFU dropped over the whole run, by reason (its /metrics).
     pub sfu_drops_by_reason: HashMap<String, f64>,
+    /// Niceness of the load generator's threads during the run (0: the
+    /// same CPU priority as the server).
+    pub generator_nice: i32,
 }
 
 struct Active {
@@ -278,6 +284,9 @@ fn ms(a: Option<Instant>, b: Option<Instant>) -> Option<f64> {
 
 /// Runs the scenario against `target`.
 pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<RunResult> {
+    if opts.generator_nice > 0 {
+        lower_own_priority(opts.generator_nice)?;
+    }
     let s = opts.scenario.clone();
     let started_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -790,7 +799,43 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
             .last()
             .map(|(_, _, c)| c.drops_by_reason.clone())
             .unwrap_or_default(),
+        generator_nice: opts.generator_nice,
     })
+}
+
+/// Lowers the CPU priority of every thread of this process to `niceness`
+/// (threads started later inherit it from the thread that starts them).
+/// On a machine the load generator shares with the server under test, the
+/// scheduler then runs the server first, and the time a packet spends in
+/// the server is the server's own rather than time spent waiting for the
+/// generator to yield a core. Servers started afterwards would inherit the
+/// niceness too, so start them first.
+///
+/// An unprivileged process can only raise its niceness: asking for less
+/// than the current value fails.
+pub fn lower_own_priority(niceness: i32) -> anyhow::Result<()> {
+    let tasks = std::fs::read_dir("/proc/self/task").context("listing this process's threads")?;
+    for task in tasks {
+        let task = task.context("listing this process's threads")?;
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse().ok())
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            continue;
+        };
+        match rustix::process::setpriority_process(Some(tid), niceness) {
+            // ESRCH: the thread ended meanwhile.
+            Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("setting the load generator's thread {tid:?} to niceness {niceness}")
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes `result.json` and `report.html` under `dir/<name>-<time>/`.

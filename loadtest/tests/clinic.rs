@@ -44,6 +44,8 @@ async fn clinic_visit_media_is_received_and_decrypted() {
                 decrypt_every: 1,
                 progress: false,
                 media_ip: [127, 0, 0, 1].into(),
+                // The server is already running: only this process yields.
+                generator_nice: 1,
             },
         ),
     )
@@ -52,6 +54,12 @@ async fn clinic_visit_media_is_received_and_decrypted() {
     .expect("the run succeeds");
     server.stop();
 
+    assert_eq!(result.generator_nice, 1);
+    assert_eq!(
+        thread_niceness(),
+        [1],
+        "every thread of the load generator yields"
+    );
     assert_eq!(result.join.attempted, 2);
     assert_eq!(result.join.completed, 2, "errors: {:?}", result.join.errors);
     let m = &result.media;
@@ -81,4 +89,21 @@ async fn clinic_visit_media_is_received_and_decrypted() {
     assert_eq!(m.frames_foreign, 0);
     assert!(m.latency_audio_ms.count > 0 && m.latency_video_ms.count > 0);
     assert!(result.server.forwarded_per_s > 0.0);
+}
+
+/// The distinct niceness values of this process's threads (field 19 of
+/// /proc/self/task/TID/stat).
+fn thread_niceness() -> Vec<i64> {
+    let mut values: Vec<i64> = std::fs::read_dir("/proc/self/task")
+        .expect("threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // After ") ": state is field 3, so niceness (19) is the 17th.
+            let rest = &stat[stat.rfind(") ")? + 2..];
+            rest.split_whitespace().nth(16)?.parse().ok()
+        })
+        .collect();
+    values.sort_unstable();
+    values.dedup();
+    values
 }
