@@ -276,6 +276,12 @@ impl Engine {
                     s.fault_injected = true;
                 }
             }
+            #[cfg(feature = "fault-injection")]
+            Command::LoseMedia(sid, count) => {
+                if let Some(s) = self.sessions.get_mut(&sid) {
+                    s.lose_media = count;
+                }
+            }
             Command::Shutdown => {
                 let ids: Vec<_> = self.sessions.keys().copied().collect();
                 for id in ids {
@@ -367,6 +373,8 @@ impl Engine {
             reap_armed: None,
             #[cfg(feature = "fault-injection")]
             fault_injected: false,
+            #[cfg(feature = "fault-injection")]
+            lose_media: 0,
             bwe: built.bwe,
             tap: built.tap,
             bucket: TokenBucket::new(
@@ -1346,6 +1354,11 @@ fn poll_writes(sessions: &mut [(SessionId, &mut Session)], out: &mut SendQueue) 
     for (sid, s) in sessions.iter_mut() {
         let r = catch_unwind(AssertUnwindSafe(|| {
             while let Some(msg) = s.pc.poll_write() {
+                #[cfg(feature = "fault-injection")]
+                if s.lose_media > 0 && classify(&msg.message) == PacketKind::Rtp {
+                    s.lose_media -= 1;
+                    continue;
+                }
                 out.push(msg.transport.peer_addr, msg.message);
             }
         }));

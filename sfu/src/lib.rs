@@ -183,6 +183,18 @@ impl Sfu {
         );
     }
 
+    /// Tests only (feature `fault-injection`): the next `count` RTP
+    /// datagrams the session's state machine emits are discarded instead of
+    /// sent, as if the network lost them (they are in its send cache, so a
+    /// NACK can bring them back).
+    #[cfg(feature = "fault-injection")]
+    pub fn lose_media(&self, session: SessionId, count: u32) {
+        self.shared.send(
+            self.worker_of_session(session),
+            Command::LoseMedia(session, count),
+        );
+    }
+
     /// Tests only (feature `payload-capture`): from now on, a copy of every
     /// forwarded payload (the bytes after the RTP header) goes to the returned
     /// receiver, up to `capacity` waiting; more are skipped. A second call

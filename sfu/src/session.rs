@@ -185,6 +185,9 @@ pub struct Session {
     /// Tests: the next processing of this session panics.
     #[cfg(feature = "fault-injection")]
     pub fault_injected: bool,
+    /// Tests: RTP datagrams still to discard instead of sending.
+    #[cfg(feature = "fault-injection")]
+    pub lose_media: u32,
     pub tap: Arc<TapState>,
     /// Send-side bandwidth estimation runs towards this subscriber.
     pub bwe: bool,

@@ -56,6 +56,8 @@ pub(crate) enum Command {
     /// Tests: make the session's next processing panic.
     #[cfg(feature = "fault-injection")]
     InjectFault(SessionId),
+    #[cfg(feature = "fault-injection")]
+    LoseMedia(SessionId, u32),
     /// A datagram another worker's socket received for one of ours.
     Datagram {
         from: SocketAddr,

@@ -8,7 +8,7 @@ mod peer;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use conclave_protocol::sframe::{CipherSuite, Codec, FrameEncryptor, FrameKey, KidLayout};
 use conclave_sfu::{
@@ -346,6 +346,104 @@ async fn bursts_of_multi_packet_frames_arrive_whole_and_in_order() {
         "{} of {forwarded} forwarded packets went out in UDP GSO sends",
         h.metrics.gso_datagrams.get()
     );
+    h.sfu.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_packet_is_sent_again_when_the_subscriber_nacks_it() {
+    // Three shapes of interceptor chain: a subscriber that sends nothing
+    // (no NACK generator or receiver reports), the same with congestion
+    // control (a pacer between the send cache and the wire), and one that
+    // also publishes (the full chain). Each loses one video packet on the
+    // way out and must get it back, byte for byte, by NACKing it.
+    let mut config = SfuConfig::loopback();
+    config.workers = 1;
+    let h = start(config);
+    h.sfu.epoch_changed(CALL, EPOCH);
+    let (publisher, _) = join(
+        &h,
+        "u:alice/laptop",
+        PeerSpec {
+            publish_video: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let video_slot = PeerSpec {
+        recv_video_slots: 1,
+        ..Default::default()
+    };
+    let specs = [
+        video_slot,
+        PeerSpec {
+            twcc: true,
+            ..video_slot
+        },
+        PeerSpec {
+            publish_audio: true,
+            ..video_slot
+        },
+    ];
+    let mut subscribers = Vec::new();
+    for (i, spec) in specs.into_iter().enumerate() {
+        subscribers.push(join(&h, &format!("u:sub{i}/d"), spec).await);
+    }
+    let mut video = Sender::new(EPOCH, 1, 1);
+    let mut frames = 0usize;
+    let mut send = async |n: usize| {
+        let mut sent = Vec::new();
+        for _ in 0..n {
+            let v = video.vp8(frames == 0, frames as u8);
+            frames += 1;
+            publisher.send_video(&v, true, 3000).await.expect("video");
+            sent.push(v);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sent
+    };
+    // A key frame opens the slots, then a few frames arrive as usual.
+    send(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(3).await;
+    let mut last_seq = Vec::new();
+    for (i, (sub, _)) in subscribers.iter().enumerate() {
+        let got = collect(sub, 4).await;
+        assert_eq!(got.len(), 4, "subscriber {i}: the first frames");
+        last_seq.push(got[3].sequence_number);
+    }
+    for (_, id) in &subscribers {
+        h.sfu.lose_media(*id, 1);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = send(3).await;
+    for (i, (sub, _)) in subscribers.iter().enumerate() {
+        let got = collect(sub, 2).await;
+        let lost = last_seq[i].wrapping_add(1);
+        let seqs: Vec<u16> = got.iter().map(|r| r.sequence_number).collect();
+        assert_eq!(
+            seqs,
+            [lost.wrapping_add(1), lost.wrapping_add(2)],
+            "subscriber {i}: all but the lost packet"
+        );
+        sub.send_rtcp_nack(got[0].ssrc, &[lost])
+            .await
+            .expect("nack");
+        let again = sub
+            .recv(Duration::from_secs(3))
+            .await
+            .unwrap_or_else(|| panic!("subscriber {i}: the lost packet never came back"));
+        assert_eq!(
+            (again.ssrc, again.sequence_number, &again.payload),
+            (got[0].ssrc, lost, &sent[0]),
+            "subscriber {i}: the packet it lost, resent"
+        );
+    }
+    // The SFU counts the NACKs it received at its next call tick.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.metrics.nack.get() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(h.metrics.nack.get(), 3);
     h.sfu.shutdown();
 }
 

@@ -50,6 +50,9 @@ use rtc::peer_connection::configuration::media_engine::{
 };
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::{
+    TransportLayerNack, nack_pairs_from_sequence_numbers,
+};
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
@@ -797,6 +800,37 @@ impl TestPeer {
     /// track to have started (RTCP goes out via a receiver; the track carrying
     /// `media_ssrc` is preferred).
     pub async fn send_rtcp_pli(&self, media_ssrc: u32) -> anyhow::Result<()> {
+        let sender_ssrc = self.audio_ssrc().max(self.video_ssrc());
+        self.send_rtcp(
+            media_ssrc,
+            Box::new(PictureLossIndication {
+                sender_ssrc,
+                media_ssrc,
+            }),
+        )
+        .await
+    }
+
+    /// Sends an RTCP generic NACK asking for the packets `seqs` of `media_ssrc` again,
+    /// the way [`TestPeer::send_rtcp_pli`] sends a PLI.
+    pub async fn send_rtcp_nack(&self, media_ssrc: u32, seqs: &[u16]) -> anyhow::Result<()> {
+        let sender_ssrc = self.audio_ssrc().max(self.video_ssrc());
+        self.send_rtcp(
+            media_ssrc,
+            Box::new(TransportLayerNack {
+                sender_ssrc,
+                media_ssrc,
+                nacks: nack_pairs_from_sequence_numbers(seqs),
+            }),
+        )
+        .await
+    }
+
+    async fn send_rtcp(
+        &self,
+        media_ssrc: u32,
+        packet: Box<dyn rtc::rtcp::Packet>,
+    ) -> anyhow::Result<()> {
         let tracks: Vec<Arc<dyn TrackRemote>> = self
             .shared
             .remote_tracks
@@ -813,13 +847,7 @@ impl TestPeer {
         let track = chosen
             .or_else(|| tracks.first())
             .context("no remote track yet to send RTCP through")?;
-        let sender_ssrc = self.audio_ssrc().max(self.video_ssrc());
-        track
-            .write_rtcp(vec![Box::new(PictureLossIndication {
-                sender_ssrc,
-                media_ssrc,
-            })])
-            .await?;
+        track.write_rtcp(vec![packet]).await?;
         Ok(())
     }
 
@@ -845,10 +873,17 @@ fn vp8_codec() -> RTCRtpCodec {
         clock_rate: 90_000,
         channels: 0,
         sdp_fmtp_line: String::new(),
-        rtcp_feedback: vec![RTCPFeedback {
-            typ: "nack".to_owned(),
-            parameter: "pli".to_owned(),
-        }],
+        // Generic NACK too, so that the SFU keeps a send cache to answer it from.
+        rtcp_feedback: vec![
+            RTCPFeedback {
+                typ: "nack".to_owned(),
+                parameter: String::new(),
+            },
+            RTCPFeedback {
+                typ: "nack".to_owned(),
+                parameter: "pli".to_owned(),
+            },
+        ],
     }
 }
 
