@@ -387,21 +387,33 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
         let mut last: Option<(Instant, ProcSample, ProcSample, SfuCounters)> = None;
         let mut totals: Vec<(f64, ProcSample, SfuCounters)> = Vec::new();
         let mut interval = tokio::time::interval(Duration::from_secs(1));
+        // After the sampler waited for a core, no catch-up burst of ticks:
+        // rows milliseconds apart turn a little CPU into thousands of percent.
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
                 _ = &mut stop_rx => break,
             }
             let now = Instant::now();
+            if last
+                .as_ref()
+                .is_some_and(|(t0, ..)| now.duration_since(*t0) < Duration::from_millis(500))
+            {
+                continue;
+            }
             // Janus has no /metrics: its traffic is read at the load generator.
             let counters = match &sampler_server {
                 Some(server) => server.metrics().await,
                 None => Ok(SfuCounters::default()),
             };
-            let (Ok(p), Ok(c)) = (proc_sample(target_pid), counters) else {
+            // A second whose samples cannot all be read is skipped: the next
+            // row then spans two. (A zero in place of an unreadable sample of
+            // this process would make the next row all the CPU it has used.)
+            let (Ok(p), Ok(c), Ok(mine)) = (proc_sample(target_pid), counters, proc_sample(me))
+            else {
                 continue;
             };
-            let mine = proc_sample(me).unwrap_or_default();
             let t_s = now.duration_since(origin).as_secs_f64();
             if let Some((t0, p0, m0, c0)) = &last {
                 let (t0, p0, m0) = (*t0, *p0, *m0);
