@@ -37,6 +37,16 @@ fn start(config: SfuConfig) -> Harness {
     }
 }
 
+/// One worker, with the call's epoch live.
+fn start_one_worker() -> Harness {
+    let h = start(SfuConfig {
+        workers: 1,
+        ..SfuConfig::loopback()
+    });
+    h.sfu.epoch_changed(CALL, EPOCH);
+    h
+}
+
 async fn join(h: &Harness, name: &str, spec: PeerSpec) -> (TestPeer, u64) {
     let peer = TestPeer::new(spec).await.expect("peer");
     let offer = peer.create_offer().await.expect("offer");
@@ -356,10 +366,7 @@ async fn a_lost_packet_is_sent_again_when_the_subscriber_nacks_it() {
     // control (a pacer between the send cache and the wire), and one that
     // also publishes (the full chain). Each loses one video packet on the
     // way out and must get it back, byte for byte, by NACKing it.
-    let mut config = SfuConfig::loopback();
-    config.workers = 1;
-    let h = start(config);
-    h.sfu.epoch_changed(CALL, EPOCH);
+    let h = start_one_worker();
     let (publisher, _) = join(
         &h,
         "u:alice/laptop",
@@ -449,10 +456,7 @@ async fn a_lost_packet_is_sent_again_when_the_subscriber_nacks_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_stale_epochs_and_unauthorised_sources_are_dropped() {
-    let mut config = SfuConfig::loopback();
-    config.workers = 1;
-    let h = start(config);
-    h.sfu.epoch_changed(CALL, EPOCH);
+    let h = start_one_worker();
     let (publisher, pub_id) = join(
         &h,
         "u:mallory/d",
@@ -563,10 +567,7 @@ async fn plaintext_stale_epochs_and_unauthorised_sources_are_dropped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audio_slots_follow_the_loudest_speakers() {
-    let mut config = SfuConfig::loopback();
-    config.workers = 1;
-    let mut h = start(config);
-    h.sfu.epoch_changed(CALL, EPOCH);
+    let mut h = start_one_worker();
     let (mut speakers, listener) = four_speakers_and_a_listener(&h).await;
     // RFC 6464 levels: lower is louder. Speakers 2 and 3 are loud.
     let levels = [90u8, 80, 10, 20];
@@ -656,10 +657,7 @@ async fn speak(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slots_keep_their_speaker_when_speakers_trade_places() {
-    let mut config = SfuConfig::loopback();
-    config.workers = 1;
-    let h = start(config);
-    h.sfu.epoch_changed(CALL, EPOCH);
+    let h = start_one_worker();
     let (mut speakers, listener) = four_speakers_and_a_listener(&h).await;
     // Speakers 2 and 3 are the loud ones; which of them is louder flips
     // every 60 rounds. Both stay chosen, so neither slot should change hands.
@@ -813,10 +811,7 @@ async fn simulcast_layer_switches_on_key_frames_with_continuous_numbering() {
 /// a layer that fits and moves up as the estimate does, on key frames.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulcast_layer_follows_the_bandwidth_estimate() {
-    let mut config = SfuConfig::loopback();
-    config.workers = 1;
-    let h = start(config);
-    h.sfu.epoch_changed(CALL, EPOCH);
+    let h = start_one_worker();
     let (publisher, _) = join(
         &h,
         "u:presenter/d",
