@@ -972,7 +972,6 @@ impl Call {
         Ok((self.roster_out(), Vec::new()))
     }
 
-    /// When the call next needs [`Call::tick`].
     /// When the pending batch is due: `batch_window` after its first change,
     /// or `removal_window` if it only removes members.
     fn batch_due_at(&self) -> Option<Instant> {
@@ -989,8 +988,18 @@ impl Call {
         Some(since + window)
     }
 
+    /// When the call next needs [`Call::tick`].
+    ///
+    /// A batch only counts while the call is idle: joins and leaves that
+    /// arrive while the group is being created or a commit is in flight wait
+    /// for it, and [`Call::tick`] would do nothing for them. Counting them
+    /// anyway put a deadline in the past that no tick moved, and the call's
+    /// task spun on it until the commit landed.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let batch = self.batch_due_at();
+        let batch = match self.phase {
+            Phase::Idle => self.batch_due_at(),
+            _ => None,
+        };
         let phase = match &self.phase {
             Phase::Creating { deadline, .. } | Phase::Committing { deadline, .. } => {
                 Some(*deadline)
@@ -1277,7 +1286,57 @@ impl Call {
 
 #[cfg(test)]
 mod tests {
-    use super::bit_reversal;
+    use super::{Call, CallConfig, JoinLimits, bit_reversal};
+    use conclave_protocol::mls::{Identity, KeyPackageInfo, Principal};
+    use std::time::Instant;
+
+    fn join(call: &mut Call, session: u64, user: &str, now: Instant) {
+        let principal = Principal::member(user, "d1").expect("principal");
+        let kp = KeyPackageInfo {
+            principal,
+            identity_key: vec![session as u8; 32],
+        };
+        call.join(
+            session,
+            user,
+            "d1",
+            user,
+            kp,
+            Vec::new(),
+            JoinLimits::default(),
+            None,
+            now,
+        )
+        .expect("join");
+    }
+
+    /// The call's task sleeps until `next_deadline` and then ticks; a
+    /// deadline that a tick at that time leaves in place makes it spin.
+    /// A second joiner arriving while the first creates the group has a
+    /// batch pending that must wait for the group, not fire every loop.
+    #[test]
+    fn a_tick_at_the_deadline_moves_the_deadline_past_it() {
+        let server = Identity::generate(Principal::server("conclave").expect("server"))
+            .expect("server identity");
+        let mut call = Call::new("c".into(), vec![7; 16], server, CallConfig::default());
+        let t0 = Instant::now();
+        join(&mut call, 1, "alice", t0);
+        join(&mut call, 2, "bob", t0);
+        let due = call.next_deadline().expect("the creation has a deadline");
+        assert_eq!(
+            due,
+            t0 + CallConfig::default().create_timeout,
+            "the pending batch waits for the group to exist"
+        );
+        let _ = call.tick(due);
+        let next = call
+            .next_deadline()
+            .expect("bob is still waiting for a group");
+        assert!(
+            next > due,
+            "a tick at {due:?} left the deadline at {next:?}"
+        );
+    }
 
     #[test]
     fn bit_reversal_visits_halves_then_quarters() {
