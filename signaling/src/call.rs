@@ -972,6 +972,30 @@ impl Call {
         Ok((self.roster_out(), Vec::new()))
     }
 
+    /// The SFU heard a new dominant speaker. Only the call's members hear of
+    /// it: a session whose join is still queued, or was refused, never got
+    /// `joined` and learns nothing about the call. A speaker who is not (or
+    /// no longer) a member is not announced.
+    pub fn active_speaker(&self, user_id: &str, device_id: &str) -> Vec<Outbound> {
+        let speaking = self
+            .members
+            .iter()
+            .any(|m| m.leaving.is_none() && m.user_id == user_id && m.device_id == device_id);
+        if !speaking {
+            return Vec::new();
+        }
+        let msg = Arc::new(ServerMessage::ActiveSpeaker {
+            call_id: self.call_id.clone(),
+            user_id: user_id.to_owned(),
+            device_id: device_id.to_owned(),
+        });
+        self.members
+            .iter()
+            .filter(|m| m.leaving.is_none())
+            .map(|m| out(m.session, msg.clone()))
+            .collect()
+    }
+
     /// When the pending batch is due: `batch_window` after its first change,
     /// or `removal_window` if it only removes members.
     fn batch_due_at(&self) -> Option<Instant> {
@@ -1308,6 +1332,27 @@ mod tests {
             now,
         )
         .expect("join");
+    }
+
+    #[test]
+    fn only_members_hear_who_is_speaking() {
+        let server = Identity::generate(Principal::server("conclave").expect("server"))
+            .expect("server identity");
+        let mut call = Call::new("c".into(), vec![7; 16], server, CallConfig::default());
+        let t0 = Instant::now();
+        join(&mut call, 1, "alice", t0);
+        join(&mut call, 2, "bob", t0);
+        let to: Vec<u64> = call
+            .active_speaker("bob", "d1")
+            .iter()
+            .map(|o| o.to)
+            .collect();
+        assert_eq!(to, [1, 2]);
+        assert!(
+            call.active_speaker("mallory", "d1").is_empty(),
+            "a speaker who is not in the call is not announced"
+        );
+        assert!(call.active_speaker("bob", "d2").is_empty());
     }
 
     /// The call's task sleeps until `next_deadline` and then ticks; a

@@ -135,6 +135,13 @@ pub enum CallInput {
         /// Why.
         reason: RemovalReason,
     },
+    /// The SFU's dominant speaker changed.
+    ActiveSpeaker {
+        /// The speaker's user.
+        user_id: String,
+        /// The speaker's device.
+        device_id: String,
+    },
 }
 
 /// One line of a call's audit log (no content, no keys).
@@ -536,6 +543,11 @@ impl Hub {
                 id,
                 reason,
             } => (session, id, call.leave(session, reason, now)),
+            CallInput::ActiveSpeaker { user_id, device_id } => {
+                let msgs = call.active_speaker(&user_id, &device_id);
+                self.deliver(call, msgs, Vec::new());
+                return;
+            }
             CallInput::Publishing { session, source } => {
                 // Not a client request: nothing to refuse if the member is gone.
                 if let Ok((msgs, events)) = call.set_publishing(session, source) {
@@ -873,18 +885,14 @@ impl Hub {
                 let Some((user_id, device_id)) = parse_participant(&participant) else {
                     return;
                 };
-                let msg = ServerMessage::ActiveSpeaker {
-                    call_id: call_id.clone(),
-                    user_id: user_id.to_owned(),
-                    device_id: device_id.to_owned(),
-                };
-                let text = SessionFrame::encoded(ServerEnvelope::frame(None, msg));
-                let st = self.lock();
-                for (sid, e) in &st.sessions {
-                    if e.calls.contains(&call_id) {
-                        self.push(&st, *sid, "active_speaker", text.clone());
-                    }
-                }
+                // The call's task knows who has joined; it sends the news.
+                self.to_call(
+                    &call_id,
+                    CallInput::ActiveSpeaker {
+                        user_id: user_id.to_owned(),
+                        device_id: device_id.to_owned(),
+                    },
+                );
             }
             SfuEvent::TrackPublished {
                 session, source, ..
