@@ -448,8 +448,14 @@ impl Hub {
                     tokio::select! {
                         i = rx.recv() => i,
                         () = tokio::time::sleep_until(d.into()) => {
-                            let (msgs, events) = call.tick(Instant::now());
+                            let now = Instant::now();
+                            let (msgs, events) = call.tick(now);
                             self.deliver(&call, msgs, events);
+                            if call.next_deadline().is_some_and(|next| next <= now) {
+                                // Nothing moved the deadline: the next sleep
+                                // returns at once. Counted, so a spin shows.
+                                self.stats.idle_wakeups.inc();
+                            }
                             continue;
                         }
                     }

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub rekey_fanout_bytes: Histogram,
     /// Empty commits the server asked for to heal a ratchet tree.
     pub heal_commits: IntCounter,
+    /// Timer wake-ups of a call's task that left its next deadline in the
+    /// past, so that it would wake again at once: a busy loop. Stays 0.
+    pub idle_wakeups: IntCounter,
 }
 
 impl Metrics {
@@ -94,6 +97,11 @@ impl Metrics {
             "Empty commits asked for to refill blank ratchet-tree paths",
         )?;
         registry.register(Box::new(heal_commits.clone()))?;
+        let idle_wakeups = IntCounter::new(
+            "call_idle_wakeups_total",
+            "Timer wake-ups of a call's task that left its deadline in the past",
+        )?;
+        registry.register(Box::new(idle_wakeups.clone()))?;
         Ok(Self {
             registry,
             extra: std::sync::RwLock::new(Vec::new()),
@@ -107,6 +115,7 @@ impl Metrics {
             commit_latency,
             rekey_fanout_bytes,
             heal_commits,
+            idle_wakeups,
         })
     }
 

@@ -166,6 +166,33 @@ async fn leaving_rekeys_the_rest() {
     assert!(all_at(&members, epoch + 2, LONG).await);
 }
 
+/// Joins that arrive while a commit is in flight wait for it: with a 1 ms
+/// batch window each queued batch is due long before the commit lands, and
+/// the call's task must not wake again and again for it meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_during_a_commit_do_not_busy_the_call() {
+    let server = start(CallConfig {
+        batch_window: Duration::from_millis(1),
+        heal_after: None,
+        ..CallConfig::default()
+    })
+    .await;
+    let first = spawn_member(&server, "j0", "busy").await;
+    assert!(wait_for(LONG, || first.status().epoch == Some(0)).await);
+    let mut members = vec![first];
+    for i in 1..10 {
+        members.push(spawn_member(&server, &format!("j{i}"), "busy").await);
+    }
+    settled(&members, LONG).await;
+    let commits = members[0].status().commits_seen;
+    let wakeups = server.state.metrics.idle_wakeups.get();
+    println!("9 joins one after another -> {commits} commits, {wakeups} idle wake-ups");
+    assert_eq!(
+        wakeups, 0,
+        "the call's task spun while commits were in flight"
+    );
+}
+
 /// A batch of removals only does not wait for the (long) join window: a
 /// leaver holds the keys until the commit, so the server commits its
 /// removal after the short removal window.
@@ -368,6 +395,9 @@ async fn a_storm_of_200_joins_is_batched_into_few_commits() {
     let commits = members[0].status().commits_seen;
     println!("200 joins -> {commits} commits");
     assert!(commits <= 10, "{commits} commits");
+    // Joins kept arriving while commits were in flight; the call's task
+    // waited for each commit instead of spinning on the queued batch.
+    assert_eq!(server.state.metrics.idle_wakeups.get(), 0);
     let code = members[0].status().epoch_code.unwrap();
     assert!(
         members
@@ -444,6 +474,7 @@ async fn a_quiet_large_call_heals_its_tree_and_commits_shrink() {
         for m in &members {
             assert!(m.status().errors.is_empty(), "{:?}", m.status().errors);
         }
+        assert_eq!(server.state.metrics.idle_wakeups.get(), 0, "heal={heal}");
         println!(
             "heal={heal}: {heal_commits} heal commits; three leaves cost {bytes:.0} MLS bytes per member"
         );
