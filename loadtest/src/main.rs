@@ -269,12 +269,13 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
         r.loss_percent_steady
             .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
     );
+    let n = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
     println!(
-        "datagrams the kernel dropped at full receive buffers (SFU and load generator): {} (steady phase {})",
-        r.kernel_udp_drops
-            .map_or_else(|| "-".to_owned(), |v| v.to_string()),
-        r.kernel_udp_drops_steady
-            .map_or_else(|| "-".to_owned(), |v| v.to_string())
+        "datagrams the kernel dropped at full receive buffers (SFU and load generator): {} (steady phase {}); at the SFU's own sockets: {} (steady phase {})",
+        n(r.kernel_udp_drops),
+        n(r.kernel_udp_drops_steady),
+        n(r.sfu_socket_drops),
+        n(r.sfu_socket_drops_steady)
     );
     println!(
         "server: CPU {:.1}% (max {:.1}%), RSS max {:.1} MiB, in {:.0} pkt/s {:.2} Mbit/s, out {:.0} pkt/s {:.2} Mbit/s ({}% in UDP GSO sends), {:.0} forwarded/s, {} us CPU per forwarded packet",

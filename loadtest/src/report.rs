@@ -370,6 +370,16 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
             ),
         ),
         (
+            "of them at the SFU's own sockets",
+            format!(
+                "{}; steady phase {}",
+                r.sfu_socket_drops
+                    .map_or_else(|| "–".to_owned(), |v| v.to_string()),
+                r.sfu_socket_drops_steady
+                    .map_or_else(|| "–".to_owned(), |v| v.to_string())
+            ),
+        ),
+        (
             "SFU CPU mean / max (% of a core)",
             format!("{:.1} / {:.1}", srv.cpu_percent_mean, srv.cpu_percent_max),
         ),
@@ -582,6 +592,13 @@ pub fn comparison_rows(c: &RunResult, j: &RunResult) -> Vec<ComparisonRow> {
             "datagrams the kernel dropped (full receive buffers)",
             c.kernel_udp_drops.map(|v| v as f64),
             j.kernel_udp_drops.map(|v| v as f64),
+            0,
+            false,
+        ),
+        row(
+            "of them at the SFU's own sockets",
+            c.sfu_socket_drops.map(|v| v as f64),
+            j.sfu_socket_drops.map(|v| v as f64),
             0,
             false,
         ),

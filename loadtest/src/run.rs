@@ -21,6 +21,7 @@ use crate::media::{MediaEvent, MediaHandle, MediaTotals, PeerSpec, VideoSpec};
 use crate::scenario::Scenario;
 use crate::server::{
     ProcSample, Server, SfuCounters, TransitSummary, proc_sample, udp_rcvbuf_errors,
+    udp_socket_drops,
 };
 use crate::stats::{Reservoir, Summary};
 
@@ -226,6 +227,11 @@ pub struct RunResult {
     pub kernel_udp_drops: Option<u64>,
     /// The same over the steady phase.
     pub kernel_udp_drops_steady: Option<u64>,
+    /// Of those, the drops at the server's own sockets (the rest were at
+    /// the load generator's), whole run.
+    pub sfu_socket_drops: Option<u64>,
+    /// The same over the steady phase.
+    pub sfu_socket_drops_steady: Option<u64>,
     /// Media counters and latency.
     pub media: MediaTotals,
     /// The server.
@@ -320,6 +326,7 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
     let target_pid = target.pid();
     let baseline = proc_sample(target_pid).unwrap_or_default();
     let udp_drops_at_start = udp_rcvbuf_errors();
+    let sfu_drops_at_start = udp_socket_drops(target_pid);
     let origin = Instant::now();
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let media = MediaHandle::start(origin, opts.decrypt_every, opts.media_ip, ev_tx)?;
@@ -536,6 +543,7 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
     let ramp_end = Instant::now();
     media.send(crate::media::Command::Steady)?;
     let udp_drops_at_ramp_end = udp_rcvbuf_errors();
+    let sfu_drops_at_ramp_end = udp_socket_drops(target_pid);
 
     // Steady phase with churn.
     let leaves_per_min = s.leaves_per_min();
@@ -594,6 +602,7 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
     bar.finish_and_clear();
     let stop_at = Instant::now();
     let udp_drops_at_stop = udp_rcvbuf_errors();
+    let sfu_drops_at_stop = udp_socket_drops(target_pid);
 
     // Stop measuring, then tear down.
     let _ = stop_tx.send(());
@@ -799,6 +808,12 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
             .map(|(b, a)| b.saturating_sub(a)),
         kernel_udp_drops_steady: udp_drops_at_stop
             .zip(udp_drops_at_ramp_end)
+            .map(|(b, a)| b.saturating_sub(a)),
+        sfu_socket_drops: sfu_drops_at_stop
+            .zip(sfu_drops_at_start)
+            .map(|(b, a)| b.saturating_sub(a)),
+        sfu_socket_drops_steady: sfu_drops_at_stop
+            .zip(sfu_drops_at_ramp_end)
             .map(|(b, a)| b.saturating_sub(a)),
         media: totals,
         server: srv,

@@ -3,7 +3,7 @@
 //! through the admin API; its Prometheus counters and its CPU and memory
 //! sampled.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -458,6 +458,55 @@ pub fn udp_rcvbuf_errors() -> Option<u64> {
     values.get(i)?.parse().ok()
 }
 
+/// Receive-buffer drops of the UDP sockets process `pid` has open now: the
+/// `drops` column of its network namespace's `/proc/<pid>/net/udp` and
+/// `udp6`, for the sockets among its file descriptors. It separates loss at
+/// the SFU's own sockets from loss at the load generator's. A socket closed
+/// during the run takes its count with it, so a server that opens a socket
+/// per participant (Janus) can show fewer than it dropped; Conclave's SFU
+/// keeps its sockets for the whole run.
+pub fn udp_socket_drops(pid: u32) -> Option<u64> {
+    let mut inodes = HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let Ok(link) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        let link = link.to_string_lossy();
+        if let Some(inode) = link
+            .strip_prefix("socket:[")
+            .and_then(|l| l.strip_suffix(']'))
+            .and_then(|l| l.parse::<u64>().ok())
+        {
+            inodes.insert(inode);
+        }
+    }
+    let mut drops = 0;
+    let mut read_any = false;
+    for table in ["udp", "udp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        read_any = true;
+        drops += socket_table_drops(&text, &inodes);
+    }
+    read_any.then_some(drops)
+}
+
+/// Sums the `drops` column of a `/proc/net/udp`-style table over the rows
+/// whose inode is in `inodes`; rows that do not parse are skipped.
+fn socket_table_drops(table: &str, inodes: &HashSet<u64>) -> u64 {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|row| {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            let inode: u64 = cols.get(9)?.parse().ok()?;
+            let drops: u64 = cols.get(12)?.parse().ok()?;
+            inodes.contains(&inode).then_some(drops)
+        })
+        .sum()
+}
+
 /// The address part of a URL like `http://127.0.0.1:8080`.
 pub fn loopback_only(url: &str) -> anyhow::Result<()> {
     let host = url
@@ -567,6 +616,36 @@ mod tests {
     #[test]
     fn kernel_udp_drops_can_be_read() {
         assert!(udp_rcvbuf_errors().is_some());
+    }
+
+    /// A socket nobody reads overflows; its drops are this process's.
+    #[test]
+    fn a_process_sees_the_drops_at_its_own_sockets() {
+        let pid = std::process::id();
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = rx.local_addr().expect("address");
+        let before = udp_socket_drops(pid).expect("readable");
+        // Far more than a default receive buffer (212,992 bytes) holds.
+        for _ in 0..20_000 {
+            let _ = tx.send_to(&[0u8; 1000], to);
+        }
+        let after = udp_socket_drops(pid).expect("readable");
+        assert!(after > before, "{before} -> {after}");
+    }
+
+    #[test]
+    fn socket_drops_are_summed_over_the_processs_sockets_only() {
+        let table = "\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  1: 0100007F:A1B2 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 111 2 0000000000000000 5
+  2: 0100007F:A1B3 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 222 2 0000000000000000 7
+  3: 0100007F:A1B4 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 333 2 0000000000000000 11
+  4: garbage
+";
+        let ours: HashSet<u64> = [111, 333].into_iter().collect();
+        assert_eq!(socket_table_drops(table, &ours), 16);
+        assert_eq!(socket_table_drops(table, &HashSet::new()), 0);
     }
 
     #[test]
