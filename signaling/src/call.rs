@@ -1334,14 +1334,21 @@ mod tests {
         .expect("join");
     }
 
-    #[test]
-    fn only_members_hear_who_is_speaking() {
+    /// A call whose first member (session 1) is creating the group while
+    /// a second (session 2) waits to be added; and when they joined.
+    fn alice_creating_and_bob_waiting() -> (Call, Instant) {
         let server = Identity::generate(Principal::server("conclave").expect("server"))
             .expect("server identity");
         let mut call = Call::new("c".into(), vec![7; 16], server, CallConfig::default());
         let t0 = Instant::now();
         join(&mut call, 1, "alice", t0);
         join(&mut call, 2, "bob", t0);
+        (call, t0)
+    }
+
+    #[test]
+    fn only_members_hear_who_is_speaking() {
+        let (call, _) = alice_creating_and_bob_waiting();
         let to: Vec<u64> = call
             .active_speaker("bob", "d1")
             .iter()
@@ -1361,12 +1368,7 @@ mod tests {
     /// batch pending that must wait for the group, not fire every loop.
     #[test]
     fn a_tick_at_the_deadline_moves_the_deadline_past_it() {
-        let server = Identity::generate(Principal::server("conclave").expect("server"))
-            .expect("server identity");
-        let mut call = Call::new("c".into(), vec![7; 16], server, CallConfig::default());
-        let t0 = Instant::now();
-        join(&mut call, 1, "alice", t0);
-        join(&mut call, 2, "bob", t0);
+        let (mut call, t0) = alice_creating_and_bob_waiting();
         let due = call.next_deadline().expect("the creation has a deadline");
         assert_eq!(
             due,
