@@ -231,10 +231,11 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
         r.target, r.scenario.name, r.scenario.participants, r.bitrate_scale
     );
     println!(
-        "joins: {} attempted, {} completed, {} failed; join ms p50 {} p95 {} p99 {}",
+        "joins: {} attempted, {} completed, {} failed, {} still under way at the end; join ms p50 {} p95 {} p99 {}",
         r.join.attempted,
         r.join.completed,
         r.join.failed,
+        r.join.unfinished,
         f(r.join.join_ms.p50),
         f(r.join.join_ms.p95),
         f(r.join.join_ms.p99)

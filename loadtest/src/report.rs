@@ -315,10 +315,10 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
     h.push_str("</table><h2>Counts</h2><table>");
     let rows: Vec<(&str, String)> = vec![
         (
-            "joins attempted / completed / failed",
+            "joins attempted / completed / failed / still under way at the end",
             format!(
-                "{} / {} / {}",
-                r.join.attempted, r.join.completed, r.join.failed
+                "{} / {} / {} / {}",
+                r.join.attempted, r.join.completed, r.join.failed, r.join.unfinished
             ),
         ),
         (

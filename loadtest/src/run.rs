@@ -107,6 +107,10 @@ pub struct JoinResult {
     pub completed: u64,
     /// Joins that failed (errors below).
     pub failed: u64,
+    /// Joins still under way when the run stopped: neither completed nor
+    /// failed, and the participant had not left (e.g. a churn rejoin in
+    /// the last seconds).
+    pub unfinished: u64,
     /// Up to 20 distinct failure messages.
     pub errors: Vec<String>,
     /// WebSocket connect → in the MLS group and media connected, ms.
@@ -282,6 +286,50 @@ fn peer_spec(s: &Scenario, participant: u32, slot: u32) -> PeerSpec {
         audio_slots: s.receive.audio_slots,
         video_slots: s.receive.video_slots,
     }
+}
+
+/// Counts and timings over every join record of the run.
+fn summarize_joins(joins: &[JoinRecord]) -> JoinResult {
+    let mut join = JoinResult::default();
+    let (mut r_join, mut r_mls, mut r_media, mut r_first) = (
+        Reservoir::new(100_000),
+        Reservoir::new(100_000),
+        Reservoir::new(100_000),
+        Reservoir::new(100_000),
+    );
+    for j in joins {
+        join.attempted += 1;
+        if let (Some(a), Some(b)) = (j.mls, j.media) {
+            join.completed += 1;
+            if let Some(v) = ms(j.started, Some(a.max(b))) {
+                r_join.add(v);
+            }
+        } else if j.error.is_some() {
+            join.failed += 1;
+        } else if j.left.is_none() {
+            join.unfinished += 1;
+        }
+        if let Some(e) = &j.error
+            && join.errors.len() < 20
+            && !join.errors.contains(e)
+        {
+            join.errors.push(e.clone());
+        }
+        if let Some(v) = ms(j.started, j.mls) {
+            r_mls.add(v);
+        }
+        if let Some(v) = ms(j.started, j.media) {
+            r_media.add(v);
+        }
+        if let Some(v) = ms(j.started, j.first_frame) {
+            r_first.add(v);
+        }
+    }
+    join.join_ms = r_join.summary();
+    join.mls_ms = r_mls.summary();
+    join.media_ms = r_media.summary();
+    join.first_frame_ms = r_first.summary();
+    join
 }
 
 fn ms(a: Option<Instant>, b: Option<Instant>) -> Option<f64> {
@@ -622,43 +670,7 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
 
     // Joins.
     let joins = recorder.joins.lock().map(|j| j.clone()).unwrap_or_default();
-    let mut join = JoinResult::default();
-    let (mut r_join, mut r_mls, mut r_media, mut r_first) = (
-        Reservoir::new(100_000),
-        Reservoir::new(100_000),
-        Reservoir::new(100_000),
-        Reservoir::new(100_000),
-    );
-    for j in &joins {
-        join.attempted += 1;
-        if let (Some(a), Some(b)) = (j.mls, j.media) {
-            join.completed += 1;
-            if let Some(v) = ms(j.started, Some(a.max(b))) {
-                r_join.add(v);
-            }
-        } else if j.error.is_some() || j.left.is_none() {
-            join.failed += 1;
-        }
-        if let Some(e) = &j.error
-            && join.errors.len() < 20
-            && !join.errors.contains(e)
-        {
-            join.errors.push(e.clone());
-        }
-        if let Some(v) = ms(j.started, j.mls) {
-            r_mls.add(v);
-        }
-        if let Some(v) = ms(j.started, j.media) {
-            r_media.add(v);
-        }
-        if let Some(v) = ms(j.started, j.first_frame) {
-            r_first.add(v);
-        }
-    }
-    join.join_ms = r_join.summary();
-    join.mls_ms = r_mls.summary();
-    join.media_ms = r_media.summary();
-    join.first_frame_ms = r_first.summary();
+    let join = summarize_joins(&joins);
 
     // Leaves.
     let leaves = recorder
@@ -900,4 +912,48 @@ pub fn write_comparison(
         crate::report::comparison_html(conclave, janus),
     )?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summarize_joins;
+    use crate::conclave::JoinRecord;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_join_still_under_way_at_the_end_is_not_a_failure() {
+        let t0 = Instant::now();
+        let at = |ms| Some(t0 + Duration::from_millis(ms));
+        let joins = [
+            JoinRecord {
+                started: at(0),
+                mls: at(200),
+                media: at(300),
+                ..JoinRecord::default()
+            },
+            JoinRecord {
+                started: at(0),
+                error: Some("refused".into()),
+                ..JoinRecord::default()
+            },
+            JoinRecord {
+                started: at(0),
+                mls: at(100),
+                ..JoinRecord::default()
+            },
+            JoinRecord {
+                started: at(0),
+                left: at(50),
+                ..JoinRecord::default()
+            },
+        ];
+        let r = summarize_joins(&joins);
+        assert_eq!(
+            (r.attempted, r.completed, r.failed, r.unfinished),
+            (4, 1, 1, 1)
+        );
+        assert_eq!(r.errors, ["refused"]);
+        assert_eq!(r.join_ms.count, 1);
+        assert_eq!(r.mls_ms.count, 2);
+    }
 }
