@@ -18,6 +18,12 @@ fn num(v: Option<f64>, digits: usize) -> String {
 }
 
 /// A transit summary as `p50 / p95 / p99; share over 20 ms`.
+/// A count for the whole run and for the steady phase, "–" where unknown.
+fn whole_and_steady(whole: Option<u64>, steady: Option<u64>) -> String {
+    let n = |v: Option<u64>| v.map_or_else(|| "–".to_owned(), |v| v.to_string());
+    format!("{}; steady phase {}", n(whole), n(steady))
+}
+
 fn transit_cell(t: Option<&crate::server::TransitSummary>) -> String {
     t.map_or_else(
         || "–".to_owned(),
@@ -361,23 +367,11 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
         ),
         (
             "datagrams dropped by the kernel at full receive buffers (SFU and load generator)",
-            format!(
-                "{}; steady phase {}",
-                r.kernel_udp_drops
-                    .map_or_else(|| "–".to_owned(), |v| v.to_string()),
-                r.kernel_udp_drops_steady
-                    .map_or_else(|| "–".to_owned(), |v| v.to_string())
-            ),
+            whole_and_steady(r.kernel_udp_drops, r.kernel_udp_drops_steady),
         ),
         (
             "of them at the SFU's own sockets",
-            format!(
-                "{}; steady phase {}",
-                r.sfu_socket_drops
-                    .map_or_else(|| "–".to_owned(), |v| v.to_string()),
-                r.sfu_socket_drops_steady
-                    .map_or_else(|| "–".to_owned(), |v| v.to_string())
-            ),
+            whole_and_steady(r.sfu_socket_drops, r.sfu_socket_drops_steady),
         ),
         (
             "SFU CPU mean / max (% of a core)",

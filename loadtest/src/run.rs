@@ -332,6 +332,11 @@ fn summarize_joins(joins: &[JoinRecord]) -> JoinResult {
     join
 }
 
+/// How much a counter read at two times grew, if both reads worked.
+fn growth(before: Option<u64>, after: Option<u64>) -> Option<u64> {
+    Some(after?.saturating_sub(before?))
+}
+
 fn ms(a: Option<Instant>, b: Option<Instant>) -> Option<f64> {
     Some(b?.checked_duration_since(a?)?.as_secs_f64() * 1000.0)
 }
@@ -815,18 +820,10 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
         rekey,
         loss_percent,
         loss_percent_steady,
-        kernel_udp_drops: udp_drops_at_stop
-            .zip(udp_drops_at_start)
-            .map(|(b, a)| b.saturating_sub(a)),
-        kernel_udp_drops_steady: udp_drops_at_stop
-            .zip(udp_drops_at_ramp_end)
-            .map(|(b, a)| b.saturating_sub(a)),
-        sfu_socket_drops: sfu_drops_at_stop
-            .zip(sfu_drops_at_start)
-            .map(|(b, a)| b.saturating_sub(a)),
-        sfu_socket_drops_steady: sfu_drops_at_stop
-            .zip(sfu_drops_at_ramp_end)
-            .map(|(b, a)| b.saturating_sub(a)),
+        kernel_udp_drops: growth(udp_drops_at_start, udp_drops_at_stop),
+        kernel_udp_drops_steady: growth(udp_drops_at_ramp_end, udp_drops_at_stop),
+        sfu_socket_drops: growth(sfu_drops_at_start, sfu_drops_at_stop),
+        sfu_socket_drops_steady: growth(sfu_drops_at_ramp_end, sfu_drops_at_stop),
         media: totals,
         server: srv,
         server_timeline,
