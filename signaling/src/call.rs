@@ -30,11 +30,15 @@ pub type SessionId = u64;
 /// Timing and size settings of calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CallConfig {
-    /// How long membership changes are collected before one commit.
+    /// How long joins are collected before one commit, in a call of up to
+    /// [`BATCH_STEP_MEMBERS`] members; larger calls wait longer (see
+    /// [`CallConfig::join_window`]).
     pub batch_window: Duration,
+    /// The longest a large call collects joins before one commit.
+    pub max_batch_window: Duration,
     /// The window when the batch holds only removals (leaves, removals by
     /// an administrator): short, because a removed member keeps the keys
-    /// until the commit. Joins in the batch extend it to `batch_window`.
+    /// until the commit. Joins in the same batch do not delay it.
     pub removal_window: Duration,
     /// How long a committer has before another member is asked.
     pub commit_timeout: Duration,
@@ -48,6 +52,10 @@ pub struct CallConfig {
     pub heal_after: Option<Duration>,
 }
 
+/// Each started run of this many members in a call adds `batch_window` to
+/// its join window.
+pub const BATCH_STEP_MEMBERS: usize = 50;
+
 /// Calls smaller than this are not healed: their commits are small anyway.
 pub const HEAL_MIN_MEMBERS: usize = 16;
 
@@ -60,10 +68,27 @@ pub const HEAL_MIN_MEMBERS: usize = 16;
 /// ciphertexts (330 bytes per member) larger in the worst places.
 const HEAL_UNIT_BITS: u32 = 2;
 
+impl CallConfig {
+    /// How long a call of `members` collects joins before one commit:
+    /// `batch_window` for each started [`BATCH_STEP_MEMBERS`] members, up
+    /// to `max_batch_window`. Every member processes every commit, so the
+    /// call's total cost of a commit grows with its size; a longer window
+    /// puts more joins in each commit (and publishers send one round of key
+    /// frames for them). At 500 members that is 2 s instead of 200 ms.
+    /// Removals do not wait for it (`removal_window`).
+    pub fn join_window(&self, members: usize) -> Duration {
+        let steps = u32::try_from(members.div_ceil(BATCH_STEP_MEMBERS).max(1)).unwrap_or(u32::MAX);
+        self.batch_window
+            .saturating_mul(steps)
+            .min(self.max_batch_window.max(self.batch_window))
+    }
+}
+
 impl Default for CallConfig {
     fn default() -> Self {
         Self {
             batch_window: Duration::from_millis(200),
+            max_batch_window: Duration::from_secs(2),
             removal_window: Duration::from_millis(20),
             commit_timeout: Duration::from_secs(5),
             ack_timeout: Duration::from_secs(2),
@@ -242,6 +267,8 @@ pub struct Call {
     members: Vec<Member>,
     phase: Phase,
     batch_since: Option<Instant>,
+    /// When the first removal in the pending batch was queued.
+    removal_since: Option<Instant>,
     /// When the changes in the commit in flight were first queued.
     batch_started: Option<Instant>,
     /// Leaves with no session (a joiner that left while being added).
@@ -327,6 +354,7 @@ impl Call {
             members: Vec::new(),
             phase: Phase::Empty,
             batch_since: None,
+            removal_since: None,
             batch_started: None,
             orphans: Vec::new(),
             acks: None,
@@ -692,6 +720,7 @@ impl Call {
             self.members[idx].leaving = Some(reason);
             msgs.push(out(session, notice));
             self.batch_since.get_or_insert(now);
+            self.removal_since.get_or_insert(now);
             // A committer that leaves is replaced now.
             if let Phase::Committing { committer, .. } = self.phase
                 && committer == session
@@ -718,6 +747,7 @@ impl Call {
             self.acks = None;
             self.phase = Phase::Empty;
             self.batch_since = None;
+            self.removal_since = None;
             if let Some(next) = self.members.first().map(|m| m.session) {
                 msgs.extend(self.start_creation(next, now));
             }
@@ -863,14 +893,7 @@ impl Call {
         }
         self.members.retain(|m| !gone.contains(&m.session));
         // Joiners the commit left out and leavers still present go to the next batch.
-        if !self.orphans.is_empty()
-            || self
-                .members
-                .iter()
-                .any(|m| m.leaf.is_none() || m.leaving.is_some())
-        {
-            self.batch_since = Some(now);
-        }
+        self.requeue(now);
 
         let fanout: usize = msgs.iter().map(|o| message_len(&o.msg)).sum();
         let healed = matches!(self.phase, Phase::Committing { heal: true, .. });
@@ -996,20 +1019,40 @@ impl Call {
             .collect()
     }
 
-    /// When the pending batch is due: `batch_window` after its first change,
-    /// or `removal_window` if it only removes members.
+    /// Starts a new batch now with what a commit left out (or what a commit
+    /// nobody made would have held): joiners not added, leavers still in
+    /// the group.
+    fn requeue(&mut self, now: Instant) {
+        let removals = !self.orphans.is_empty()
+            || self
+                .members
+                .iter()
+                .any(|m| m.leaf.is_some() && m.leaving.is_some());
+        let joins = self.members.iter().any(|m| m.leaf.is_none());
+        if removals || joins {
+            self.batch_since = Some(now);
+        }
+        self.removal_since = removals.then_some(now);
+    }
+
+    /// When the pending batch is due: the join window after its first
+    /// change, or `removal_window` after its first removal if that is
+    /// sooner (a removed member keeps the keys until the commit).
     fn batch_due_at(&self) -> Option<Instant> {
         let since = self.batch_since?;
         let joins = self
             .members
             .iter()
             .any(|m| m.leaf.is_none() && m.leaving.is_none());
-        let window = if joins {
-            self.config.batch_window
-        } else {
-            self.config.removal_window.min(self.config.batch_window)
-        };
-        Some(since + window)
+        let join_window = self.config.join_window(self.in_group().count());
+        let removal_window = self.config.removal_window.min(join_window);
+        let joins_due = joins.then(|| since + join_window);
+        let removals_due = self.removal_since.map(|t| t + removal_window);
+        joins_due
+            .into_iter()
+            .chain(removals_due)
+            .min()
+            .or(Some(since + removal_window))
     }
 
     /// When the call next needs [`Call::tick`].
@@ -1114,6 +1157,7 @@ impl Call {
             .collect();
         if joiners.is_empty() && leavers.is_empty() && self.orphans.is_empty() {
             self.batch_since = None;
+            self.removal_since = None;
             return Vec::new();
         }
         let first_removed = leavers
@@ -1158,6 +1202,7 @@ impl Call {
             }
         }
         self.batch_started = self.batch_since.take();
+        self.removal_since = None;
         let call_id = self.call_id.clone();
         // Leaving members get the proposals too, so an honest client can
         // process the commit that removes it and drop its keys at once.
@@ -1283,7 +1328,7 @@ impl Call {
         let Some(next) = self.pick_committer(&tried, removed) else {
             // Nobody answered: start over with a fresh batch later.
             self.phase = Phase::Idle;
-            self.batch_since = Some(now);
+            self.requeue(now);
             return Vec::new();
         };
         if let Phase::Committing {
@@ -1383,6 +1428,21 @@ mod tests {
             next > due,
             "a tick at {due:?} left the deadline at {next:?}"
         );
+    }
+
+    #[test]
+    fn a_larger_call_collects_joins_longer_up_to_the_cap() {
+        let c = CallConfig::default();
+        let ms = |n| c.join_window(n).as_millis();
+        assert_eq!([ms(0), ms(1), ms(50)], [200, 200, 200]);
+        assert_eq!([ms(51), ms(100), ms(101)], [400, 400, 600]);
+        assert_eq!([ms(499), ms(500), ms(5000)], [2000, 2000, 2000]);
+        // A cap below the base window never shortens it.
+        let short_cap = CallConfig {
+            max_batch_window: std::time::Duration::from_millis(50),
+            ..c
+        };
+        assert_eq!(short_cap.join_window(500).as_millis(), 200);
     }
 
     #[test]

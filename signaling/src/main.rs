@@ -36,9 +36,13 @@ struct Args {
     /// Name of this deployment (the MLS external sender's credential) [default: conclave].
     #[arg(long, env = "CONCLAVE_NAME")]
     name: Option<String>,
-    /// Membership changes are batched for this long (ms) into one commit [default: 200].
+    /// Joins are batched for this long (ms) into one commit, per started 50
+    /// members of the call [default: 200].
     #[arg(long, env = "CONCLAVE_BATCH_MS")]
     batch_ms: Option<u64>,
+    /// The longest (ms) a large call batches joins [default: 2000].
+    #[arg(long, env = "CONCLAVE_MAX_BATCH_MS")]
+    max_batch_ms: Option<u64>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "CONCLAVE_LOG_JSON")]
     log_json: bool,
@@ -73,6 +77,7 @@ struct FileConfig {
     database_url: Option<String>,
     name: Option<String>,
     batch_ms: Option<u64>,
+    max_batch_ms: Option<u64>,
     log_json: Option<bool>,
     sfu_bind: Option<SocketAddr>,
     sfu_advertised_ip: Option<IpAddr>,
@@ -144,10 +149,12 @@ async fn main() -> anyhow::Result<()> {
     });
     let name = args.name.or(file.name).unwrap_or_else(|| "conclave".into());
     let batch_ms = args.batch_ms.or(file.batch_ms).unwrap_or(200);
+    let max_batch_ms = args.max_batch_ms.or(file.max_batch_ms).unwrap_or(2000);
 
     let server = Identity::generate(Principal::server(&name)?)?;
     let config = CallConfig {
         batch_window: Duration::from_millis(batch_ms),
+        max_batch_window: Duration::from_millis(max_batch_ms),
         ..CallConfig::default()
     };
     // The media plane, in-process.

@@ -219,6 +219,23 @@ async fn a_removal_does_not_wait_for_the_join_window() {
         took < join_window,
         "the removal waited for the join window: {took:?}"
     );
+
+    // A removal queued behind a join does not wait for the join either:
+    // the batch holding both is committed after the removal window.
+    let epoch = epoch + 1;
+    let joiner = spawn_member(&server, "b4", "quick").await;
+    assert!(wait_for(LONG, || joiner.status().joined).await);
+    members.push(joiner);
+    let leaver = members.remove(0);
+    let t0 = Instant::now();
+    leaver.cmd.send(Cmd::Leave).unwrap();
+    assert!(all_at(&members, epoch + 1, LONG).await);
+    let took = t0.elapsed();
+    println!("removal behind a join committed and ready after {took:?}");
+    assert!(
+        took < join_window,
+        "the removal waited for the pending join: {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
