@@ -913,10 +913,15 @@ impl Engine {
             let Some(p) = self.sessions.get_mut(&publisher) else {
                 continue;
             };
+            let audience = self
+                .calls
+                .get(&p.call)
+                .and_then(|c| c.routes.get(&(publisher, source)))
+                .map_or(0, Vec::len);
             let Some(st) = p.sources.get_mut(&source) else {
                 continue;
             };
-            if st.throttle.request(now) {
+            if st.throttle.request(now, audience) {
                 send_pli(p, source);
                 self.shared.metrics.pli.inc();
                 self.touched.push(publisher);

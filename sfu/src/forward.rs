@@ -241,24 +241,56 @@ where
     kept.into_iter().map(|(id, _)| id).collect()
 }
 
-/// Per-source limiter for key-frame requests: at most one per `interval`,
-/// however many subscribers ask.
-#[derive(Clone, Copy, Debug, Default)]
+/// Per-source limiter for key-frame requests: at most one per interval,
+/// however many subscribers ask. The interval grows with the source's
+/// audience (see [`KeyFrameThrottle::interval_for`]).
+#[derive(Clone, Copy, Debug)]
 pub struct KeyFrameThrottle {
     last: Option<Instant>,
     /// A request arrived while throttled and must be sent when allowed.
     pending: bool,
+    /// The spacing set by the last request.
+    interval: Duration,
+}
+
+impl Default for KeyFrameThrottle {
+    fn default() -> Self {
+        Self {
+            last: None,
+            pending: false,
+            interval: Self::INTERVAL,
+        }
+    }
 }
 
 impl KeyFrameThrottle {
-    /// Minimum spacing between requests to one source.
+    /// Minimum spacing between requests to a source of up to
+    /// [`Self::AUDIENCE_STEP`] subscribers.
     pub const INTERVAL: Duration = Duration::from_millis(200);
+    /// Each started run of this many subscribers adds [`Self::INTERVAL`].
+    pub const AUDIENCE_STEP: usize = 100;
+    /// The longest spacing, however large the audience.
+    pub const MAX_INTERVAL: Duration = Duration::from_secs(1);
 
-    /// Asks for a key frame. Returns true if a request should go out now;
-    /// otherwise the request is coalesced and [`Self::due`] reports it later.
-    pub fn request(&mut self, now: Instant) -> bool {
+    /// The spacing for a source `audience` subscribers receive. A key frame
+    /// is several times the size of other frames and goes to every one of
+    /// them: one of a 500-subscriber screen share is 500 copies of tens of
+    /// kilobytes, and a large audience always holds someone who lost a
+    /// packet and asks. Small calls keep fast recovery; at 500 a lost
+    /// frame waits up to a second for its key frame.
+    pub fn interval_for(audience: usize) -> Duration {
+        let steps =
+            u32::try_from(audience.div_ceil(Self::AUDIENCE_STEP).max(1)).unwrap_or(u32::MAX);
+        Self::INTERVAL.saturating_mul(steps).min(Self::MAX_INTERVAL)
+    }
+
+    /// Asks for a key frame for a source `audience` subscribers receive.
+    /// Returns true if a request should go out now; otherwise the request
+    /// is coalesced and [`Self::due`] reports it later.
+    pub fn request(&mut self, now: Instant, audience: usize) -> bool {
+        self.interval = Self::interval_for(audience);
         match self.last {
-            Some(t) if now.saturating_duration_since(t) < Self::INTERVAL => {
+            Some(t) if now.saturating_duration_since(t) < self.interval => {
                 self.pending = true;
                 false
             }
@@ -273,7 +305,7 @@ impl KeyFrameThrottle {
     /// When a coalesced request becomes sendable, if one is waiting.
     pub fn due(&self) -> Option<Instant> {
         if self.pending {
-            self.last.map(|t| t + Self::INTERVAL)
+            self.last.map(|t| t + self.interval)
         } else {
             None
         }
@@ -458,14 +490,32 @@ mod tests {
     fn key_frame_requests_are_throttled_and_coalesced() {
         let t0 = Instant::now();
         let mut k = KeyFrameThrottle::default();
-        assert!(k.request(t0));
-        assert!(!k.request(t0 + Duration::from_millis(10)));
-        assert!(!k.request(t0 + Duration::from_millis(50)));
+        assert!(k.request(t0, 3));
+        assert!(!k.request(t0 + Duration::from_millis(10), 3));
+        assert!(!k.request(t0 + Duration::from_millis(50), 3));
         assert_eq!(k.due(), Some(t0 + KeyFrameThrottle::INTERVAL));
         assert!(!k.flush(t0 + Duration::from_millis(100)));
         assert!(k.flush(t0 + Duration::from_millis(200)));
         assert_eq!(k.due(), None);
-        assert!(k.request(t0 + Duration::from_millis(400)));
+        assert!(k.request(t0 + Duration::from_millis(400), 3));
+    }
+
+    #[test]
+    fn a_larger_audience_spaces_key_frames_further_up_to_a_second() {
+        let ms = |n| KeyFrameThrottle::interval_for(n).as_millis();
+        assert_eq!([ms(0), ms(1), ms(100)], [200, 200, 200]);
+        assert_eq!([ms(101), ms(250), ms(499)], [400, 600, 1000]);
+        assert_eq!(ms(100_000), 1000);
+
+        // A 500-subscriber source: one key frame a second, however many ask.
+        let t0 = Instant::now();
+        let mut k = KeyFrameThrottle::default();
+        assert!(k.request(t0, 500));
+        for i in 1..10 {
+            assert!(!k.request(t0 + Duration::from_millis(i * 90), 500));
+        }
+        assert!(!k.flush(t0 + Duration::from_millis(999)));
+        assert!(k.flush(t0 + Duration::from_secs(1)));
     }
 
     #[test]
