@@ -61,7 +61,10 @@ impl LiveEpochs {
     /// The commit to `epoch` removed members. Whatever senders use, the
     /// epochs the removed members hold stop once the group is past `epoch`
     /// (the epoch just before it stays live until then, for frames in flight
-    /// and senders that have not switched yet).
+    /// and senders that have not switched yet). The signaling service orders
+    /// commits so that senders have switched by then (no commit on top of an
+    /// epoch awaiting acks when either removes members); this is the bound
+    /// if a client does not.
     pub fn removed(&mut self, epoch: u64) {
         self.committed(epoch);
         if epoch >= self.ready {

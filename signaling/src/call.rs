@@ -252,6 +252,9 @@ struct AckWait {
     epoch: u64,
     /// The epoch added members: once it is ready, publishers send key frames.
     added: bool,
+    /// The epoch removed members: no commit until it is ready (see
+    /// [`Call::batch_may_commit`]).
+    removed: bool,
     waiting: HashSet<SessionId>,
     deadline: Instant,
 }
@@ -912,6 +915,7 @@ impl Call {
         self.acks = Some(AckWait {
             epoch: new_epoch,
             added: !added.is_empty(),
+            removed: removed_any,
             waiting: self.in_group().map(|m| m.session).collect(),
             deadline: now + self.config.ack_timeout,
         });
@@ -1023,16 +1027,38 @@ impl Call {
     /// nobody made would have held): joiners not added, leavers still in
     /// the group.
     fn requeue(&mut self, now: Instant) {
-        let removals = !self.orphans.is_empty()
-            || self
-                .members
-                .iter()
-                .any(|m| m.leaf.is_some() && m.leaving.is_some());
+        let removals = self.removals_pending();
         let joins = self.members.iter().any(|m| m.leaf.is_none());
         if removals || joins {
             self.batch_since = Some(now);
         }
         self.removal_since = removals.then_some(now);
+    }
+
+    /// Members to remove from the group: leavers still in it, and leaves
+    /// whose session is gone.
+    fn removals_pending(&self) -> bool {
+        !self.orphans.is_empty()
+            || self
+                .members
+                .iter()
+                .any(|m| m.leaf.is_some() && m.leaving.is_some())
+    }
+
+    /// Whether the pending batch may be committed now, as far as the epoch
+    /// awaiting acks goes. Senders switch keys only at `epoch_ready`, and
+    /// once the group is past a commit that removed members the SFU stops
+    /// forwarding the epochs they held. A commit on top of an epoch that is
+    /// not ready yet can therefore end the epoch senders still use, and the
+    /// whole call goes silent until the next `epoch_ready`. So a batch waits
+    /// while the epoch awaiting acks removed members, and a batch that
+    /// removes members waits while any epoch awaits acks: at most
+    /// `ack_timeout`. Joins alone still commit faster than acks.
+    fn batch_may_commit(&self) -> bool {
+        match &self.acks {
+            None => true,
+            Some(w) => !w.removed && !self.removals_pending(),
+        }
     }
 
     /// When the pending batch is due: the join window after its first
@@ -1064,7 +1090,7 @@ impl Call {
     /// task spun on it until the commit landed.
     pub fn next_deadline(&self) -> Option<Instant> {
         let batch = match self.phase {
-            Phase::Idle => self.batch_due_at(),
+            Phase::Idle if self.batch_may_commit() => self.batch_due_at(),
             _ => None,
         };
         let phase = match &self.phase {
@@ -1100,7 +1126,7 @@ impl Call {
                 msgs.extend(self.redesignate(now));
             }
             Phase::Idle => {
-                if self.batch_due_at().is_some_and(|t| now >= t) {
+                if self.batch_may_commit() && self.batch_due_at().is_some_and(|t| now >= t) {
                     msgs.extend(self.start_commit(now));
                 } else if self.heal_due_at().is_some_and(|t| now >= t) {
                     msgs.extend(self.start_heal(now));

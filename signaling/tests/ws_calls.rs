@@ -238,6 +238,53 @@ async fn a_removal_does_not_wait_for_the_join_window() {
     );
 }
 
+/// A commit on top of an epoch senders have not been told to use yet can
+/// end the epoch they still send in (the SFU stops forwarding what a
+/// removed member held once the group is past its removal), silencing the
+/// call until the next `epoch_ready`. So while a slow member holds up the
+/// acks of a join's epoch, a removal waits for that epoch to be ready; and
+/// a join waits for the removal's epoch to be ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_commit_lands_on_an_unready_epoch_when_members_are_removed() {
+    let ack_timeout = Duration::from_millis(1500);
+    let server = start(CallConfig {
+        batch_window: Duration::from_millis(20),
+        ack_timeout,
+        ..CallConfig::default()
+    })
+    .await;
+    let mut members = Vec::new();
+    for u in ["c1", "c2", "c3", "c4"] {
+        members.push(spawn_member(&server, u, "order").await);
+    }
+    let e = settled(&members, LONG).await;
+    members[3].status.lock().unwrap().hold_acks = true;
+    let watcher = &members[0];
+
+    // A join commits e+1; c4 never acks it, so it is ready only at the
+    // ack timeout. c2 leaves meanwhile: its removal waits for e+1 to be
+    // ready before it commits e+2.
+    let joiner = spawn_member(&server, "c5", "order").await;
+    assert!(wait_for(LONG, || watcher.status().epoch == Some(e + 1)).await);
+    members[1].cmd.send(Cmd::Leave).unwrap();
+    assert!(wait_for(LONG, || watcher.status().epoch == Some(e + 2)).await);
+    assert_eq!(
+        watcher.status().ready_epoch,
+        Some(e + 1),
+        "the removal was committed before the epoch senders use was ready"
+    );
+
+    // A join right after the removal waits for the removal's epoch.
+    let late = spawn_member(&server, "c6", "order").await;
+    assert!(wait_for(LONG, || watcher.status().epoch == Some(e + 3)).await);
+    assert_eq!(
+        watcher.status().ready_epoch,
+        Some(e + 2),
+        "a join was committed before the removal's epoch was ready"
+    );
+    drop((joiner, late));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_removal_rekeys_and_closes_the_users_sockets() {
     let server = start(config()).await;

@@ -157,6 +157,8 @@ pub struct Status {
     pub roster: Arc<Vec<RosterMember>>,
     /// Each `roster_update`: (entries changed, entries gone).
     pub roster_updates: Vec<(usize, usize)>,
+    /// Tests set this to keep the client from acking epochs (a slow member).
+    pub hold_acks: bool,
 }
 
 pub enum Cmd {
@@ -425,7 +427,11 @@ async fn run(
             | ServerMessage::Pong
             | ServerMessage::ActiveSpeaker { .. } => {}
         }
+        let hold_acks = status.lock().unwrap().hold_acks;
         for r in reply {
+            if hold_acks && matches!(r, ClientMessage::EpochAck { .. }) {
+                continue;
+            }
             if ws.send(text(r)).await.is_err() {
                 return;
             }
