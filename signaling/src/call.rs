@@ -158,6 +158,8 @@ pub enum CallEvent {
         epoch: u64,
         /// Whether it added members.
         added: bool,
+        /// Members that had not acked it: declared ready at the ack timeout.
+        late: usize,
     },
     /// The group moved to a new epoch.
     EpochChanged {
@@ -960,6 +962,7 @@ impl Call {
             vec![CallEvent::EpochReady {
                 epoch: w.epoch,
                 added: w.added,
+                late: w.waiting.len(),
             }],
         )
     }

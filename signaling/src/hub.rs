@@ -638,7 +638,11 @@ impl Hub {
                     }
                     self.audit(call.id(), "rekeyed", None, None, Some(epoch));
                 }
-                CallEvent::EpochReady { epoch, added } => {
+                CallEvent::EpochReady { epoch, added, late } => {
+                    if late > 0 {
+                        self.stats.ack_timeouts.inc();
+                        tracing::debug!(call = %call.id(), epoch, late, "epoch ready at the ack timeout");
+                    }
                     self.sfu.epoch_ready(call.id(), epoch);
                     if added {
                         // Senders switch keys on epoch_ready; a publisher may

@@ -35,6 +35,9 @@ pub struct Metrics {
     /// Timer wake-ups of a call's task that left its next deadline in the
     /// past, so that it would wake again at once: a busy loop. Stays 0.
     pub idle_wakeups: IntCounter,
+    /// Epochs declared ready at the ack timeout, with members still to ack
+    /// (slow or stuck clients; their media may be cut by a removal).
+    pub ack_timeouts: IntCounter,
 }
 
 impl Metrics {
@@ -102,6 +105,11 @@ impl Metrics {
             "Timer wake-ups of a call's task that left its deadline in the past",
         )?;
         registry.register(Box::new(idle_wakeups.clone()))?;
+        let ack_timeouts = IntCounter::new(
+            "epoch_ack_timeouts_total",
+            "Epochs declared ready at the ack timeout with members still to ack",
+        )?;
+        registry.register(Box::new(ack_timeouts.clone()))?;
         Ok(Self {
             registry,
             extra: std::sync::RwLock::new(Vec::new()),
@@ -116,6 +124,7 @@ impl Metrics {
             rekey_fanout_bytes,
             heal_commits,
             idle_wakeups,
+            ack_timeouts,
         })
     }
 

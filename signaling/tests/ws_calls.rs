@@ -282,6 +282,8 @@ async fn no_commit_lands_on_an_unready_epoch_when_members_are_removed() {
         Some(e + 2),
         "a join was committed before the removal's epoch was ready"
     );
+    // c4's silence made e+1 and e+2 ready only at the ack timeout.
+    assert_eq!(server.state.metrics.ack_timeouts.get(), 2);
     drop((joiner, late));
 }
 
