@@ -209,11 +209,7 @@ async fn a_removal_does_not_wait_for_the_join_window() {
         members.push(spawn_member(&server, u, "quick").await);
     }
     let epoch = settled(&members, LONG).await;
-    let leaver = members.remove(1);
-    let t0 = Instant::now();
-    leaver.cmd.send(Cmd::Leave).unwrap();
-    assert!(all_at(&members, epoch + 1, LONG).await);
-    let took = t0.elapsed();
+    let took = leave_and_wait_for_the_next_epoch(&mut members, 1, epoch).await;
     println!("removal committed and ready after {took:?} (join window {join_window:?})");
     assert!(
         took < join_window,
@@ -222,20 +218,29 @@ async fn a_removal_does_not_wait_for_the_join_window() {
 
     // A removal queued behind a join does not wait for the join either:
     // the batch holding both is committed after the removal window.
-    let epoch = epoch + 1;
     let joiner = spawn_member(&server, "b4", "quick").await;
     assert!(wait_for(LONG, || joiner.status().joined).await);
     members.push(joiner);
-    let leaver = members.remove(0);
-    let t0 = Instant::now();
-    leaver.cmd.send(Cmd::Leave).unwrap();
-    assert!(all_at(&members, epoch + 1, LONG).await);
-    let took = t0.elapsed();
+    let took = leave_and_wait_for_the_next_epoch(&mut members, 0, epoch + 1).await;
     println!("removal behind a join committed and ready after {took:?}");
     assert!(
         took < join_window,
         "the removal waited for the pending join: {took:?}"
     );
+}
+
+/// `members[leaver]` leaves; returns how long until everyone else holds
+/// `epoch + 1` and was told it is ready.
+async fn leave_and_wait_for_the_next_epoch(
+    members: &mut Vec<ClientHandle>,
+    leaver: usize,
+    epoch: u64,
+) -> Duration {
+    let leaver = members.remove(leaver);
+    let t0 = Instant::now();
+    leaver.cmd.send(Cmd::Leave).unwrap();
+    assert!(all_at(members, epoch + 1, LONG).await);
+    t0.elapsed()
 }
 
 /// A commit on top of an epoch senders have not been told to use yet can
