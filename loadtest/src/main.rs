@@ -91,6 +91,14 @@ struct RunArgs {
     /// SFU is the SFU's own. 0 leaves the priorities equal.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
     generator_nice: i32,
+    /// Receive buffer (SO_RCVBUF, bytes) of each simulated participant's
+    /// UDP socket; 0 keeps the kernel's default (net.core.rmem_default).
+    /// One thread serves every participant, so a buffer larger than the
+    /// default rides out the moments that thread is busy elsewhere instead
+    /// of counting its own backlog as network loss. The kernel caps it at
+    /// net.core.rmem_max.
+    #[arg(long, default_value_t = 1 << 20)]
+    socket_recv_buffer: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -143,6 +151,7 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         progress: !a.quiet,
         media_ip,
         generator_nice: a.generator_nice,
+        socket_recv_buffer: a.socket_recv_buffer,
     };
     let janus_options = JanusOptions {
         binary: a.janus_bin.clone(),
@@ -321,8 +330,10 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
         f(s.kib_per_participant)
     );
     println!(
-        "load generator CPU {:.1}% of a core (niceness {})",
-        s.loadgen_cpu_percent_mean, r.generator_nice
+        "load generator CPU {:.1}% of a core (niceness {}), socket receive buffers {}",
+        s.loadgen_cpu_percent_mean,
+        r.generator_nice,
+        conclave_loadtest::report::recv_buffer_label(r.socket_recv_buffer)
     );
     let mut drops: Vec<String> = r
         .sfu_drops_by_reason

@@ -352,11 +352,13 @@ pub enum MediaError {
 
 impl MediaHandle {
     /// Starts the thread. Times are measured from `origin`; connections
-    /// bind their UDP socket to `bind_ip`.
+    /// bind their UDP socket to `bind_ip`, with a receive buffer of
+    /// `recv_buffer` bytes (0: the kernel's default).
     pub fn start(
         origin: Instant,
         decrypt_every: u32,
         bind_ip: IpAddr,
+        recv_buffer: usize,
         events: mpsc::UnboundedSender<MediaEvent>,
     ) -> Result<Self, MediaError> {
         let sys = |e: nix::Error| MediaError::Sys(e.to_string());
@@ -375,6 +377,7 @@ impl MediaHandle {
             rx,
             events,
             bind_ip,
+            recv_buffer,
             peers: HashMap::new(),
             timers: BinaryHeap::new(),
             origin,
@@ -558,6 +561,7 @@ struct Engine {
     rx: Receiver<Command>,
     events: mpsc::UnboundedSender<MediaEvent>,
     bind_ip: IpAddr,
+    recv_buffer: usize,
     peers: HashMap<u32, Peer>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     origin: Instant,
@@ -573,6 +577,18 @@ struct Engine {
     recv_buf: Vec<u8>,
     clear: Vec<u8>,
     protected: Vec<u8>,
+}
+
+/// A participant's non-blocking UDP socket on `ip`, with a receive buffer
+/// of `recv_buffer` bytes if that is not 0 (the kernel caps it at
+/// net.core.rmem_max, and may grant less without an error).
+fn participant_socket(ip: IpAddr, recv_buffer: usize) -> std::io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(SocketAddr::new(ip, 0))?;
+    socket.set_nonblocking(true)?;
+    if recv_buffer > 0 {
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &recv_buffer)?;
+    }
+    Ok(socket)
 }
 
 fn opus() -> RTCRtpCodec {
@@ -857,8 +873,7 @@ impl Engine {
         if self.peers.contains_key(&spec.participant) {
             return Err(format!("connection {} exists already", spec.participant));
         }
-        let socket = UdpSocket::bind(SocketAddr::new(self.bind_ip, 0)).map_err(rtc_err)?;
-        socket.set_nonblocking(true).map_err(rtc_err)?;
+        let socket = participant_socket(self.bind_ip, self.recv_buffer).map_err(rtc_err)?;
         let local = socket.local_addr().map_err(rtc_err)?;
 
         let media = media_engine()?;
@@ -1532,5 +1547,36 @@ impl Engine {
             src.last_sent = Some(now);
         }
         self.service(id, now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{getsockopt, sockopt::RcvBuf};
+
+    fn sysctl(name: &str) -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .expect("readable sysctl")
+            .trim()
+            .parse()
+            .expect("a number")
+    }
+
+    #[test]
+    fn a_participant_socket_gets_the_receive_buffer_asked_for() {
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let default =
+            getsockopt(&participant_socket(ip, 0).expect("socket"), RcvBuf).expect("SO_RCVBUF");
+        assert_eq!(default, sysctl("rmem_default"));
+        // As much as the kernel allows, up to 1 MiB; Linux reports twice
+        // what was set (the other half is its bookkeeping).
+        let asked = sysctl("rmem_max").min(1 << 20);
+        let granted =
+            getsockopt(&participant_socket(ip, asked).expect("socket"), RcvBuf).expect("SO_RCVBUF");
+        assert!(
+            granted >= asked,
+            "asked for {asked} bytes, the socket has {granted}"
+        );
     }
 }

@@ -157,6 +157,15 @@ fn short(v: f64) -> String {
 }
 
 /// Renders the report.
+/// How a report names the receive buffer of the participants' sockets.
+pub fn recv_buffer_label(bytes: usize) -> String {
+    if bytes == 0 {
+        "the kernel's default".to_owned()
+    } else {
+        format!("{} KiB", bytes / 1024)
+    }
+}
+
 pub fn html(r: &RunResult) -> String {
     let st = &r.server_timeline;
     let mt = &r.media.timeline;
@@ -452,6 +461,10 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
         (
             "load generator niceness (0: same CPU priority as the server)",
             r.generator_nice.to_string(),
+        ),
+        (
+            "receive buffer of each participant's socket",
+            recv_buffer_label(r.socket_recv_buffer),
         ),
         ("MLS commits sent", r.commits_sent.to_string()),
     ];

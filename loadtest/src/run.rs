@@ -41,6 +41,9 @@ pub struct RunOptions {
     /// Niceness the load generator lowers its threads to before the run
     /// (see [`lower_own_priority`]); 0 leaves them alone.
     pub generator_nice: i32,
+    /// SO_RCVBUF of the participants' UDP sockets, bytes (0: the kernel's
+    /// default).
+    pub socket_recv_buffer: usize,
 }
 
 /// The server a run measures.
@@ -251,6 +254,9 @@ pub struct RunResult {
     /// Niceness of the load generator's threads during the run (0: the
     /// same CPU priority as the server).
     pub generator_nice: i32,
+    /// SO_RCVBUF asked for on the participants' UDP sockets, bytes (0: the
+    /// kernel's default).
+    pub socket_recv_buffer: usize,
 }
 
 struct Active {
@@ -382,7 +388,13 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
     let sfu_drops_at_start = udp_socket_drops(target_pid);
     let origin = Instant::now();
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let media = MediaHandle::start(origin, opts.decrypt_every, opts.media_ip, ev_tx)?;
+    let media = MediaHandle::start(
+        origin,
+        opts.decrypt_every,
+        opts.media_ip,
+        opts.socket_recv_buffer,
+        ev_tx,
+    )?;
     let recorder = Arc::new(Recorder::default());
     let participants = match &target {
         Target::Conclave(server) => Participants::Conclave(Arc::new(Shared {
@@ -836,6 +848,7 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
             .map(|(_, _, c)| c.drops_by_reason.clone())
             .unwrap_or_default(),
         generator_nice: opts.generator_nice,
+        socket_recv_buffer: opts.socket_recv_buffer,
     })
 }
 
