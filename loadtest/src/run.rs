@@ -338,6 +338,49 @@ fn summarize_joins(joins: &[JoinRecord]) -> JoinResult {
     join
 }
 
+/// The tokio runtime (one thread) of the participants that publish
+/// continuous media: a camera, a screen or a talking microphone.
+///
+/// Every member processes every commit, and at hundreds of participants
+/// that MLS work queues on the generator's shared runtime threads. A
+/// publisher's task waiting behind it sees `epoch_ready` late, keeps
+/// protecting frames under an epoch the SFU has retired, and every receiver
+/// loses them: a lag of the generator, not of the SFU, and one a real
+/// client on its own device does not have. Listeners (and silent
+/// microphones) stay on the shared threads, where their lag shows as
+/// slower acks and rekeys.
+struct PublisherRuntime(Option<tokio::runtime::Runtime>);
+
+impl PublisherRuntime {
+    fn start() -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("publishers")
+            .enable_all()
+            .build()
+            .context("starting the publishers' runtime")?;
+        Ok(Self(Some(rt)))
+    }
+
+    /// Where a participant with `spec` runs.
+    fn handle_for(&self, spec: &PeerSpec) -> tokio::runtime::Handle {
+        let publishes = spec.camera.is_some() || spec.screen.is_some() || spec.speaker;
+        match &self.0 {
+            Some(rt) if publishes => rt.handle().clone(),
+            _ => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for PublisherRuntime {
+    /// Without waiting: a runtime dropped inside another's task would block it.
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// How much a counter read at two times grew, if both reads worked.
 fn growth(before: Option<u64>, after: Option<u64>) -> Option<u64> {
     Some(after?.saturating_sub(before?))
@@ -396,6 +439,7 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
         ev_tx,
     )?;
     let recorder = Arc::new(Recorder::default());
+    let publishers = PublisherRuntime::start()?;
     let participants = match &target {
         Target::Conclave(server) => Participants::Conclave(Arc::new(Shared {
             ws_url: server.ws_url(),
@@ -531,50 +575,49 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
     let mut active: HashMap<u32, Active> = HashMap::new();
     let mut finished: Vec<JoinHandle<Result<(), conclave::ParticipantError>>> = Vec::new();
     let mut pending_rejoins: Vec<(Instant, u32)> = Vec::new();
-    let mut spawn = |slot: u32,
-                     active: &mut HashMap<u32, Active>,
-                     tokens: &Tokens|
-     -> anyhow::Result<()> {
-        let participant = next_participant;
-        next_participant += 1;
-        let token = tokens
-            .tokens
-            .get(slot as usize)
-            .map(|(t, _)| t.clone())
-            .unwrap_or_default();
-        recorder
-            .joins
-            .lock()
-            .map_err(|_| anyhow::anyhow!("recorder poisoned"))?
-            .push(JoinRecord {
+    let mut spawn =
+        |slot: u32, active: &mut HashMap<u32, Active>, tokens: &Tokens| -> anyhow::Result<()> {
+            let participant = next_participant;
+            next_participant += 1;
+            let token = tokens
+                .tokens
+                .get(slot as usize)
+                .map(|(t, _)| t.clone())
+                .unwrap_or_default();
+            recorder
+                .joins
+                .lock()
+                .map_err(|_| anyhow::anyhow!("recorder poisoned"))?
+                .push(JoinRecord {
+                    participant,
+                    slot,
+                    ..JoinRecord::default()
+                });
+            let (leave_tx, leave_rx) = oneshot::channel();
+            let plan = Plan {
                 participant,
                 slot,
-                ..JoinRecord::default()
-            });
-        let (leave_tx, leave_rx) = oneshot::channel();
-        let plan = Plan {
-            participant,
-            slot,
-            token,
-            spec: peer_spec(&s, participant, slot),
-            max_layer: s.receive.max_layer,
+                token,
+                spec: peer_spec(&s, participant, slot),
+                max_layer: s.receive.max_layer,
+            };
+            let rt = publishers.handle_for(&plan.spec);
+            let task = match &participants {
+                Participants::Conclave(shared) => {
+                    rt.spawn(conclave::run(shared.clone(), plan, leave_rx))
+                }
+                Participants::Janus(shared) => rt.spawn(janus::run(shared.clone(), plan, leave_rx)),
+            };
+            active.insert(
+                slot,
+                Active {
+                    participant,
+                    leave: leave_tx,
+                    task,
+                },
+            );
+            Ok(())
         };
-        let task = match &participants {
-            Participants::Conclave(shared) => {
-                tokio::spawn(conclave::run(shared.clone(), plan, leave_rx))
-            }
-            Participants::Janus(shared) => tokio::spawn(janus::run(shared.clone(), plan, leave_rx)),
-        };
-        active.insert(
-            slot,
-            Active {
-                participant,
-                leave: leave_tx,
-                task,
-            },
-        );
-        Ok(())
-    };
 
     // Ramp.
     let mut last_draw = Instant::now();
@@ -683,6 +726,7 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     drop(participants);
+    drop(publishers);
     events.abort();
 
     // Joins.
@@ -926,9 +970,76 @@ pub fn write_comparison(
 
 #[cfg(test)]
 mod tests {
-    use super::summarize_joins;
+    use super::{PublisherRuntime, summarize_joins};
     use crate::conclave::JoinRecord;
+    use crate::media::{PeerSpec, VideoSpec};
     use std::time::{Duration, Instant};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn publishers_run_on_their_own_thread_and_listeners_do_not() {
+        let publishers = PublisherRuntime::start().expect("runtime");
+        let listener = PeerSpec {
+            participant: 1,
+            audio: false,
+            speaker: false,
+            audio_kbps: 32.0,
+            audio_frame: Duration::from_millis(20),
+            dtx: true,
+            camera: None,
+            screen: None,
+            audio_slots: 3,
+            video_slots: 2,
+        };
+        let video = VideoSpec {
+            layers_kbps: vec![2500.0],
+            fps: 15.0,
+            keyframe_interval: Duration::from_secs(10),
+        };
+        let cases = [
+            (listener.clone(), false),
+            (
+                PeerSpec {
+                    audio: true,
+                    ..listener.clone()
+                },
+                false,
+            ),
+            (
+                PeerSpec {
+                    audio: true,
+                    speaker: true,
+                    ..listener.clone()
+                },
+                true,
+            ),
+            (
+                PeerSpec {
+                    camera: Some(video.clone()),
+                    ..listener.clone()
+                },
+                true,
+            ),
+            (
+                PeerSpec {
+                    screen: Some(video),
+                    ..listener
+                },
+                true,
+            ),
+        ];
+        for (spec, own_thread) in cases {
+            let thread = publishers
+                .handle_for(&spec)
+                .spawn(async { std::thread::current().name().map(str::to_owned) })
+                .await
+                .expect("the task runs");
+            assert_eq!(
+                thread.as_deref() == Some("publishers"),
+                own_thread,
+                "{spec:?} ran on {thread:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_join_still_under_way_at_the_end_is_not_a_failure() {
