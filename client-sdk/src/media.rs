@@ -437,9 +437,11 @@ async fn read_track(shared: Arc<Shared>, track: Arc<dyn TrackRemote>) {
 }
 
 /// An `rtc` interceptor that turns the SFU's key-frame requests (PLI, FIR)
-/// into a call of `on_request` ("send a key frame next"). The chain's end
-/// drops inbound RTCP otherwise. Used by [`MediaConnection`] and by the load
-/// generator's sans-IO peers.
+/// into calls of `on_request(ssrc)` ("send a key frame next on `ssrc`"),
+/// one per SSRC a request names. The chain's end drops inbound RTCP
+/// otherwise. Used by [`MediaConnection`] and by the load generator's
+/// sans-IO peers, which publish several video streams and key only the one
+/// asked for.
 pub struct KeyFrameRequests<F> {
     on_request: F,
     reads: VecDeque<TaggedPacket>,
@@ -455,8 +457,9 @@ impl<F> std::fmt::Debug for KeyFrameRequests<F> {
     }
 }
 
-impl<F: Fn()> KeyFrameRequests<F> {
-    /// Calls `on_request` for every inbound RTCP compound holding a PLI or FIR.
+impl<F: Fn(u32)> KeyFrameRequests<F> {
+    /// Calls `on_request` with the media SSRC of every inbound PLI and of
+    /// every entry of an inbound FIR.
     pub fn new(on_request: F) -> Self {
         Self {
             on_request,
@@ -466,7 +469,7 @@ impl<F: Fn()> KeyFrameRequests<F> {
     }
 }
 
-impl<F: Fn()> Protocol<TaggedPacket, TaggedPacket, ()> for KeyFrameRequests<F> {
+impl<F: Fn(u32)> Protocol<TaggedPacket, TaggedPacket, ()> for KeyFrameRequests<F> {
     type Rout = TaggedPacket;
     type Wout = TaggedPacket;
     type Eout = ();
@@ -474,13 +477,17 @@ impl<F: Fn()> Protocol<TaggedPacket, TaggedPacket, ()> for KeyFrameRequests<F> {
     type Time = Instant;
 
     fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(packets) = &msg.message.packet
-            && packets.iter().any(|p| {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            for p in packets {
                 let any = p.as_any();
-                any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
-            })
-        {
-            (self.on_request)();
+                if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+                    (self.on_request)(pli.media_ssrc);
+                } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+                    for entry in &fir.fir {
+                        (self.on_request)(entry.ssrc);
+                    }
+                }
+            }
         }
         self.reads.push_back(msg);
         Ok(())
@@ -500,7 +507,7 @@ impl<F: Fn()> Protocol<TaggedPacket, TaggedPacket, ()> for KeyFrameRequests<F> {
     }
 }
 
-impl<F: Fn() + Send + Sync> Interceptor for KeyFrameRequests<F> {
+impl<F: Fn(u32) + Send + Sync> Interceptor for KeyFrameRequests<F> {
     fn bind_local_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
@@ -799,7 +806,8 @@ impl MediaConnection {
             rtc::interceptor::Slot::from(KEY_FRAME_TAP_SLOT),
             KeyFrameRequests::new({
                 let link = link.clone();
-                move || link.want_key_frame()
+                // One camera: any request is for it.
+                move |_ssrc| link.want_key_frame()
             }),
         );
         // The SFU is ICE-lite and learns our address from our checks, so
@@ -1163,5 +1171,60 @@ impl Drop for MediaConnection {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, pc.close()).await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtc::rtcp::payload_feedbacks::full_intra_request::FirEntry;
+    use rtc::rtcp::receiver_report::ReceiverReport;
+    use rtc::shared::TransportContext;
+
+    #[test]
+    fn key_frame_requests_name_each_ssrc_asked_for_and_pass_the_rtcp_on() {
+        let asked = Mutex::new(Vec::new());
+        let mut tap = KeyFrameRequests::new(|ssrc| asked.lock().unwrap().push(ssrc));
+        let compound: Vec<Box<dyn rtc::rtcp::Packet>> = vec![
+            Box::new(ReceiverReport::default()),
+            Box::new(PictureLossIndication {
+                sender_ssrc: 1,
+                media_ssrc: 7,
+            }),
+            Box::new(FullIntraRequest {
+                sender_ssrc: 1,
+                media_ssrc: 0,
+                fir: vec![
+                    FirEntry {
+                        ssrc: 8,
+                        sequence_number: 1,
+                    },
+                    FirEntry {
+                        ssrc: 9,
+                        sequence_number: 1,
+                    },
+                ],
+            }),
+        ];
+        let msg = TaggedPacket {
+            now: Instant::now(),
+            transport: TransportContext::default(),
+            message: rtc::interceptor::AttributedPacket::new(Packet::Rtcp(compound)),
+        };
+        tap.handle_read(msg).unwrap();
+        assert_eq!(*asked.lock().unwrap(), vec![7, 8, 9]);
+        let through = tap.poll_read().expect("the compound goes on up the chain");
+        assert!(matches!(&through.message.packet, Packet::Rtcp(p) if p.len() == 3));
+
+        // RTCP without a request asks for nothing.
+        tap.handle_read(TaggedPacket {
+            now: Instant::now(),
+            transport: TransportContext::default(),
+            message: rtc::interceptor::AttributedPacket::new(Packet::Rtcp(vec![Box::new(
+                ReceiverReport::default(),
+            )])),
+        })
+        .unwrap();
+        assert_eq!(asked.lock().unwrap().len(), 3);
     }
 }

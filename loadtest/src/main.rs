@@ -260,8 +260,10 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
         f(r.rekey.leave_to_all_rekeyed_ms.max)
     );
     println!(
-        "frames: sent {}, received {}, decrypted {}, decrypt failures {} ({} sent before the receiver joined), incomplete video frames {}",
+        "frames: sent {} ({} key frames: {}), received {}, decrypted {}, decrypt failures {} ({} sent before the receiver joined), incomplete video frames {}",
         m.frames_sent.values().sum::<u64>(),
+        m.key_frames_sent,
+        conclave_loadtest::report::key_frames_label(&m.key_frames_by_source),
         m.frames_received,
         m.frames_decrypted,
         m.decrypt_failures,

@@ -80,6 +80,9 @@ const WAKE: u64 = u64::MAX;
 const PLI_INTERVAL: Duration = Duration::from_millis(500);
 /// Opus DTX: one frame per this long while silent.
 const DTX_INTERVAL: Duration = Duration::from_millis(400);
+/// Most distinct SSRCs a peer holds key-frame requests for between frames
+/// (a peer sends on a handful: audio, three camera layers, a screen share).
+const MAX_ASKED: usize = 16;
 /// Latency values kept for percentiles.
 const SAMPLE_CAP: usize = 200_000;
 
@@ -168,7 +171,9 @@ pub enum Command {
         remote_offer: Option<String>,
         /// Frame protection.
         crypto: Arc<dyn FrameCrypto>,
-        /// Set by anyone who wants the next video frame to be a key frame.
+        /// Set by anyone who wants the next frame of every video source to
+        /// be a key frame (a new epoch). The target's own requests (PLI,
+        /// FIR) key only the source they name.
         key_frame: Arc<AtomicBool>,
         /// The offer, or why not.
         reply: oneshot::Sender<Result<Offer, String>>,
@@ -314,6 +319,8 @@ pub struct MediaTotals {
     /// Key frames sent: on request from the SFU (PLI/FIR), on switching to
     /// an epoch that added members, and periodically.
     pub key_frames_sent: u64,
+    /// The same by source (camera, screen).
+    pub key_frames_by_source: HashMap<Source, u64>,
     /// One frame in this many was decrypted at each receiver.
     pub decrypt_every: u32,
     /// End-to-end frame latency, ms (send time inside the ciphertext to
@@ -543,6 +550,8 @@ struct Peer {
     pc: RTCPeerConnection,
     crypto: Arc<dyn FrameCrypto>,
     key_frame: Arc<AtomicBool>,
+    /// SSRCs the target asked key frames for, not yet served.
+    asked: Arc<Mutex<Vec<u32>>>,
     connected: bool,
     got_frame: bool,
     armed: Option<Instant>,
@@ -877,11 +886,21 @@ impl Engine {
         let local = socket.local_addr().map_err(rtc_err)?;
 
         let media = media_engine()?;
+        // A browser keys only the encoder a PLI or FIR names: a request for
+        // the camera does not make the screen share send a key frame.
+        let asked: Arc<Mutex<Vec<u32>>> = Arc::default();
         let registry = configure_rtcp_reports(Registry::new()).with(
             ChainSlot::from(conclave_client::media::KEY_FRAME_TAP_SLOT),
             conclave_client::media::KeyFrameRequests::new({
-                let flag = key_frame.clone();
-                move || flag.store(true, Ordering::Release)
+                let asked = asked.clone();
+                move |ssrc| {
+                    if let Ok(mut a) = asked.lock()
+                        && !a.contains(&ssrc)
+                        && a.len() < MAX_ASKED
+                    {
+                        a.push(ssrc);
+                    }
+                }
             }),
         );
         let settings = SettingEngineBuilder::new()
@@ -1127,6 +1146,7 @@ impl Engine {
                 pc,
                 crypto,
                 key_frame,
+                asked,
                 connected: false,
                 got_frame: false,
                 armed: None,
@@ -1438,9 +1458,21 @@ impl Engine {
         {
             return;
         }
-        if !audio && p.key_frame.swap(false, Ordering::AcqRel) {
-            for s in p.sources.iter_mut().filter(|s| s.source != Source::Audio) {
-                s.want_key = true;
+        if !audio {
+            if p.key_frame.swap(false, Ordering::AcqRel) {
+                for s in p.sources.iter_mut().filter(|s| s.source != Source::Audio) {
+                    s.want_key = true;
+                }
+            }
+            let asked = p.asked.lock().map(|mut a| std::mem::take(&mut *a));
+            for ssrc in asked.unwrap_or_default() {
+                // A request for an SSRC this peer does not send on is
+                // ignored, as a browser does.
+                if let Some(s) = p.sources.iter_mut().find(|s| {
+                    s.source != Source::Audio && s.encodings.iter().any(|e| e.ssrc == ssrc)
+                }) {
+                    s.want_key = true;
+                }
             }
         }
         let Some(src) = p.sources.get_mut(idx) else {
@@ -1541,6 +1573,11 @@ impl Engine {
         if any_sent {
             if key == Some(true) {
                 self.totals.key_frames_sent += 1;
+                *self
+                    .totals
+                    .key_frames_by_source
+                    .entry(src.source)
+                    .or_default() += 1;
                 src.want_key = false;
             }
             src.frame_no = src.frame_no.wrapping_add(1);

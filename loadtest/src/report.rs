@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use crate::payload::Source;
 use crate::run::RunResult;
 use crate::stats::Summary;
 
@@ -156,7 +157,6 @@ fn short(v: f64) -> String {
     }
 }
 
-/// Renders the report.
 /// How a report names the receive buffer of the participants' sockets.
 pub fn recv_buffer_label(bytes: usize) -> String {
     if bytes == 0 {
@@ -166,6 +166,21 @@ pub fn recv_buffer_label(bytes: usize) -> String {
     }
 }
 
+/// Key frames sent by source, camera first: `camera 12, screen 3`, or
+/// `none`.
+pub fn key_frames_label(by_source: &std::collections::HashMap<Source, u64>) -> String {
+    let parts: Vec<String> = [(Source::Camera, "camera"), (Source::Screen, "screen")]
+        .into_iter()
+        .filter_map(|(s, name)| by_source.get(&s).map(|n| format!("{name} {n}")))
+        .collect();
+    if parts.is_empty() {
+        "none".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Renders the report.
 pub fn html(r: &RunResult) -> String {
     let st = &r.server_timeline;
     let mt = &r.media.timeline;
@@ -345,6 +360,14 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
             m.frames_sent.values().sum::<u64>().to_string(),
         ),
         (
+            "key frames sent",
+            format!(
+                "{} ({})",
+                m.key_frames_sent,
+                key_frames_label(&m.key_frames_by_source)
+            ),
+        ),
+        (
             "frames received / decrypted",
             format!("{} / {}", m.frames_received, m.frames_decrypted),
         ),
@@ -506,6 +529,15 @@ mod tests {
         assert!(svg.contains("a &lt; b"));
         assert!(svg.contains("<polyline"));
         assert_eq!(short(2_500_000.0), "2.5M");
+    }
+
+    #[test]
+    fn key_frames_are_named_by_source() {
+        let mut by = std::collections::HashMap::new();
+        assert_eq!(key_frames_label(&by), "none");
+        by.insert(Source::Screen, 3);
+        by.insert(Source::Camera, 12);
+        assert_eq!(key_frames_label(&by), "camera 12, screen 3");
     }
 }
 
