@@ -86,12 +86,14 @@ impl Server {
                 "RUST_LOG",
                 std::env::var("CONCLAVE_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(data_dir.join("server.log"))
-                    .context("creating the server log")?,
-            ));
+            .stdin(Stdio::null());
+        // The server logs to stdout; both streams go to one file.
+        let log = std::fs::File::create(data_dir.join("server.log"))
+            .context("creating the server log")?;
+        cmd.stdout(Stdio::from(
+            log.try_clone().context("sharing the server log")?,
+        ))
+        .stderr(Stdio::from(log));
         if let Some(w) = sfu_workers {
             cmd.arg("--sfu-workers").arg(w.to_string());
         }
