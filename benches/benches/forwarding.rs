@@ -72,7 +72,7 @@ fn bench(c: &mut Criterion) {
                 ts = ts.wrapping_add(3000);
                 let now = Instant::now();
                 let info = vp8_info(&payload).unwrap();
-                live.check(Codec::Vp8, &payload[info.payload_offset..])
+                live.check(Codec::Vp8, &payload[info.payload_offset..], now)
                     .unwrap();
                 for s in subs.iter_mut() {
                     let rw = s.rewriter.rewrite(7, seq, ts, 90_000, now);

@@ -411,11 +411,12 @@ impl Engine {
     /// or senders were told to switch to it.
     fn epoch(&mut self, call_id: String, epoch: u64, step: EpochStep, now: Instant) {
         let c = self.call_for(&call_id);
+        tracing::debug!(call = %call_id, epoch, ?step, "call epoch");
         if let Some(call) = self.calls.get_mut(&c) {
             match (call.live.as_mut(), step) {
                 (Some(live), EpochStep::Committed) => live.committed(epoch),
                 (Some(live), EpochStep::Removed) => live.removed(epoch),
-                (Some(live), EpochStep::Ready) => live.ready(epoch),
+                (Some(live), EpochStep::Ready) => live.ready(epoch, now),
                 (None, _) => call.live = Some(LiveEpochs::new(KidLayout::default(), epoch)),
             }
             if step != EpochStep::Ready || call.epoch.is_none_or(|e| epoch > e) {
@@ -794,7 +795,7 @@ impl Engine {
                 Some(info) if info.frame_start => {
                     key_frame = info.key_frame;
                     let frame = payload.get(info.payload_offset..).unwrap_or(&[]);
-                    let ok = live.check(Codec::Vp8, frame);
+                    let ok = live.check(Codec::Vp8, frame, now);
                     stream.gate = Some((packet.header.timestamp, ok.is_ok()));
                     ok.map_err(drop_label)
                 }
@@ -806,7 +807,7 @@ impl Engine {
                     _ => Err("no_frame_start"),
                 },
             },
-            codec => live.check(codec, payload).map_err(drop_label),
+            codec => live.check(codec, payload, now).map_err(drop_label),
         };
         if let Err(reason) = verdict {
             self.shared.metrics.drops.with_label_values(&[reason]).inc();

@@ -17,8 +17,8 @@ proptest! {
             let _ = binding_request_ufrag(&pkt);
         }
         let live = LiveEpochs::new(KidLayout::default(), 7);
-        let _ = live.check(Codec::Vp8, &pkt);
-        let _ = live.check(Codec::Opus, &pkt);
+        let _ = live.check(Codec::Vp8, &pkt, std::time::Instant::now());
+        let _ = live.check(Codec::Opus, &pkt, std::time::Instant::now());
     }
 
     #[test]

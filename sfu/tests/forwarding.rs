@@ -554,11 +554,18 @@ async fn plaintext_stale_epochs_and_unauthorised_sources_are_dropped() {
         sub.recv(WAIT).await.is_some(),
         "previous ready epoch still live"
     );
-    // ... and two ready epochs later it is not.
+    // ... two ready epochs later it lingers for frames still in flight ...
     h.sfu.epoch_ready(CALL, EPOCH + 2);
     tokio::time::sleep(Duration::from_millis(100)).await;
     publisher
         .send_audio(&good.opus(13), Some(20))
+        .await
+        .expect("audio");
+    assert!(sub.recv(WAIT).await.is_some(), "in flight: still live");
+    // ... and after that it is not.
+    tokio::time::sleep(conclave_sfu::guard::IN_FLIGHT).await;
+    publisher
+        .send_audio(&good.opus(14), Some(20))
         .await
         .expect("audio");
     assert!(sub.recv(Duration::from_millis(500)).await.is_none());
