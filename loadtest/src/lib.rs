@@ -6,6 +6,7 @@
 pub mod conclave;
 pub mod janus;
 pub mod media;
+pub mod pacer;
 pub mod payload;
 pub mod report;
 pub mod run;

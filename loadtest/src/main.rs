@@ -99,6 +99,12 @@ struct RunArgs {
     /// net.core.rmem_max.
     #[arg(long, default_value_t = 1 << 20)]
     socket_recv_buffer: usize,
+    /// Pace each participant's video at this multiple of its video bitrate,
+    /// letting 40 ms of that rate leave at once, as a browser's paced sender
+    /// does (libwebrtc: 2.5); audio is never held. 0 sends each frame's
+    /// packets at once.
+    #[arg(long, default_value_t = conclave_loadtest::pacer::DEFAULT_FACTOR)]
+    pace_factor: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -154,6 +160,7 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         media_ip,
         generator_nice: a.generator_nice,
         socket_recv_buffer: a.socket_recv_buffer,
+        pace_factor: a.pace_factor,
     };
     let janus_options = JanusOptions {
         binary: a.janus_bin.clone(),
@@ -283,6 +290,13 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
         r.loss_percent_steady
             .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
     );
+    println!(
+        "time video waited in the senders' pacers ms: p50 {} p95 {} p99 {} max {}",
+        f(m.pacer_wait_ms.p50),
+        f(m.pacer_wait_ms.p95),
+        f(m.pacer_wait_ms.p99),
+        f(m.pacer_wait_ms.max)
+    );
     let n = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
     println!(
         "datagrams the kernel dropped at full receive buffers (SFU and load generator): {} (steady phase {}); at the SFU's own sockets: {} (steady phase {})",
@@ -334,10 +348,11 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
         f(s.kib_per_participant)
     );
     println!(
-        "load generator CPU {:.1}% of a core (niceness {}), socket receive buffers {}",
+        "load generator CPU {:.1}% of a core (niceness {}), socket receive buffers {}, video pacing {}",
         s.loadgen_cpu_percent_mean,
         r.generator_nice,
-        conclave_loadtest::report::recv_buffer_label(r.socket_recv_buffer)
+        conclave_loadtest::report::recv_buffer_label(r.socket_recv_buffer),
+        conclave_loadtest::report::pacing_label(r.pace_factor)
     );
     let mut drops: Vec<String> = r
         .sfu_drops_by_reason

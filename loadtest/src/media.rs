@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use conclave_client::media::vp8;
 use conclave_protocol::sframe::{Codec, DecryptedFrame, MAX_OVERHEAD, SframeError};
+
+use crate::pacer::Pacer;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use rtc::interceptor::{Registry, Slot as ChainSlot};
@@ -83,6 +85,8 @@ const DTX_INTERVAL: Duration = Duration::from_millis(400);
 /// Most distinct SSRCs a peer holds key-frame requests for between frames
 /// (a peer sends on a handful: audio, three camera layers, a screen share).
 const MAX_ASKED: usize = 16;
+/// An RTP header without extensions, counted with the payload by the pacer.
+const RTP_HEADER_BYTES: usize = 12;
 /// Latency values kept for percentiles.
 const SAMPLE_CAP: usize = 200_000;
 
@@ -332,6 +336,9 @@ pub struct MediaTotals {
     pub latency_audio_ms: Summary,
     /// Camera and screen only.
     pub latency_video_ms: Summary,
+    /// How long video packets waited in their sender's pacer, ms (part of
+    /// the frame latency).
+    pub pacer_wait_ms: Summary,
     /// Per second.
     pub timeline: Vec<MediaSecond>,
 }
@@ -360,12 +367,15 @@ pub enum MediaError {
 impl MediaHandle {
     /// Starts the thread. Times are measured from `origin`; connections
     /// bind their UDP socket to `bind_ip`, with a receive buffer of
-    /// `recv_buffer` bytes (0: the kernel's default).
+    /// `recv_buffer` bytes (0: the kernel's default), and pace their video
+    /// at `pace_factor` times its bitrate (0: no pacing; see
+    /// [`crate::pacer`]).
     pub fn start(
         origin: Instant,
         decrypt_every: u32,
         bind_ip: IpAddr,
         recv_buffer: usize,
+        pace_factor: f64,
         events: mpsc::UnboundedSender<MediaEvent>,
     ) -> Result<Self, MediaError> {
         let sys = |e: nix::Error| MediaError::Sys(e.to_string());
@@ -385,6 +395,7 @@ impl MediaHandle {
             events,
             bind_ip,
             recv_buffer,
+            pace_factor,
             peers: HashMap::new(),
             timers: BinaryHeap::new(),
             origin,
@@ -398,6 +409,7 @@ impl MediaHandle {
             lat_steady: None,
             lat_audio: Reservoir::new(SAMPLE_CAP),
             lat_video: Reservoir::new(SAMPLE_CAP),
+            lat_pacer: Reservoir::new(SAMPLE_CAP),
             lat_second: Reservoir::new(20_000),
             timeline: timeline.clone(),
             recv_buf: vec![0u8; 2048],
@@ -460,6 +472,8 @@ enum Timer {
     Tick,
     Pc(u32),
     Source(u32, usize),
+    /// A peer's pacer may let its next video packet go.
+    Pace(u32),
 }
 
 /// Negotiated values a sender's packets must carry.
@@ -562,6 +576,10 @@ struct Peer {
     feedback_ssrc: u32,
     last_pli: Option<Instant>,
     decrypt_counter: u64,
+    /// Video packets waiting for the pacer.
+    pacer: Pacer<(RTCRtpSenderId, rtc::rtp::Packet, Instant)>,
+    /// When the pacer's timer is due, if armed.
+    pace_armed: Option<Instant>,
 }
 
 struct Engine {
@@ -571,6 +589,8 @@ struct Engine {
     events: mpsc::UnboundedSender<MediaEvent>,
     bind_ip: IpAddr,
     recv_buffer: usize,
+    /// Pacing rate as a multiple of a peer's video bitrate (0: no pacing).
+    pace_factor: f64,
     peers: HashMap<u32, Peer>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     origin: Instant,
@@ -581,6 +601,7 @@ struct Engine {
     lat_steady: Option<Reservoir>,
     lat_audio: Reservoir,
     lat_video: Reservoir,
+    lat_pacer: Reservoir,
     lat_second: Reservoir,
     timeline: Arc<Mutex<Vec<MediaSecond>>>,
     recv_buf: Vec<u8>,
@@ -741,6 +762,18 @@ impl Engine {
                     continue;
                 }
                 self.readable(token as u32);
+                // Frames and paced packets leave on time even when
+                // receiving for hundreds of listeners runs behind: a real
+                // sender's timing does not depend on other people's
+                // receivers.
+                if self
+                    .timers
+                    .peek()
+                    .is_some_and(|Reverse((t, _))| *t <= Instant::now())
+                    && !self.run_timers(Instant::now())
+                {
+                    return self.finish();
+                }
             }
         }
         self.finish()
@@ -760,6 +793,7 @@ impl Engine {
             .unwrap_or_default();
         self.totals.latency_audio_ms = self.lat_audio.summary();
         self.totals.latency_video_ms = self.lat_video.summary();
+        self.totals.pacer_wait_ms = self.lat_pacer.summary();
         self.totals.timeline = self.timeline.lock().map(|t| t.clone()).unwrap_or_default();
         self.totals
     }
@@ -791,6 +825,17 @@ impl Engine {
                     self.service(id, now);
                 }
                 Timer::Source(id, idx) => self.send_frame(id, idx, now),
+                Timer::Pace(id) => {
+                    let Some(p) = self.peers.get_mut(&id) else {
+                        continue;
+                    };
+                    if p.pace_armed != Some(t) {
+                        continue;
+                    }
+                    p.pace_armed = None;
+                    self.pace(id, now);
+                    self.service(id, now);
+                }
             }
         }
         true
@@ -1138,6 +1183,15 @@ impl Engine {
                 .push(Reverse((s.next_at, Timer::Source(spec.participant, i))));
         }
         self.totals.connections_opened += 1;
+        // The video bitrate the pacer's rate is a multiple of.
+        let video_bytes_per_s: f64 = sources
+            .iter()
+            .filter(|s| s.source != Source::Audio)
+            .flat_map(|s| {
+                let per_s = 1.0 / s.interval.as_secs_f64();
+                s.encodings.iter().map(move |e| e.frame_bytes * per_s)
+            })
+            .sum();
         self.peers.insert(
             spec.participant,
             Peer {
@@ -1157,6 +1211,8 @@ impl Engine {
                 feedback_ssrc,
                 last_pli: None,
                 decrypt_counter: 0,
+                pacer: Pacer::new(video_bytes_per_s, self.pace_factor),
+                pace_armed: None,
             },
         );
         Ok(Offer { sdp, sources: mids })
@@ -1562,8 +1618,13 @@ impl Engine {
                     header,
                     payload: Bytes::from(payload),
                 };
-                if let Err(e) = s.write_rtp(now, pkt) {
-                    tracing::debug!(peer = id, error = %e, "RTP refused");
+                if audio {
+                    if let Err(e) = s.write_rtp(now, pkt) {
+                        tracing::debug!(peer = id, error = %e, "RTP refused");
+                    }
+                } else {
+                    let bytes = pkt.payload.len() + RTP_HEADER_BYTES;
+                    p.pacer.push((sender, pkt, now), bytes);
                 }
                 enc.seq = enc.seq.wrapping_add(1);
             }
@@ -1583,7 +1644,32 @@ impl Engine {
             src.frame_no = src.frame_no.wrapping_add(1);
             src.last_sent = Some(now);
         }
+        self.pace(id, now);
         self.service(id, now);
+    }
+
+    /// Writes the video packets the peer's pacer lets go now, and arms its
+    /// timer for the next.
+    fn pace(&mut self, id: u32, now: Instant) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        while let Some((sender, pkt, queued)) = p.pacer.pop(now) {
+            self.lat_pacer
+                .add(now.saturating_duration_since(queued).as_secs_f64() * 1e3);
+            let Some(mut s) = p.pc.rtp_sender(sender) else {
+                continue;
+            };
+            if let Err(e) = s.write_rtp(now, pkt) {
+                tracing::debug!(peer = id, error = %e, "RTP refused");
+            }
+        }
+        if let Some(at) = p.pacer.next_at(now)
+            && p.pace_armed.is_none_or(|armed| at < armed)
+        {
+            p.pace_armed = Some(at);
+            self.timers.push(Reverse((at, Timer::Pace(id))));
+        }
     }
 }
 

@@ -166,6 +166,18 @@ pub fn recv_buffer_label(bytes: usize) -> String {
     }
 }
 
+/// How a report names the participants' video pacing.
+pub fn pacing_label(factor: f64) -> String {
+    if factor > 0.0 {
+        format!(
+            "{factor}x its video bitrate, {} ms bursts",
+            crate::pacer::BURST_WINDOW.as_millis()
+        )
+    } else {
+        "none (each frame's packets at once)".to_owned()
+    }
+}
+
 /// Key frames sent by source, camera first: `camera 12, screen 3`, or
 /// `none`.
 pub fn key_frames_label(by_source: &std::collections::HashMap<Source, u64>) -> String {
@@ -488,6 +500,10 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
         (
             "receive buffer of each participant's socket",
             recv_buffer_label(r.socket_recv_buffer),
+        ),
+        (
+            "video pacing of each participant",
+            pacing_label(r.pace_factor),
         ),
         ("MLS commits sent", r.commits_sent.to_string()),
     ];

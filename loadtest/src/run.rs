@@ -44,6 +44,9 @@ pub struct RunOptions {
     /// SO_RCVBUF of the participants' UDP sockets, bytes (0: the kernel's
     /// default).
     pub socket_recv_buffer: usize,
+    /// Each participant paces its video at this multiple of its video
+    /// bitrate, as a browser does (0: a frame's packets leave at once).
+    pub pace_factor: f64,
 }
 
 /// The server a run measures.
@@ -257,6 +260,9 @@ pub struct RunResult {
     /// SO_RCVBUF asked for on the participants' UDP sockets, bytes (0: the
     /// kernel's default).
     pub socket_recv_buffer: usize,
+    /// The participants' pacing rate as a multiple of their video bitrate
+    /// (0: no pacing).
+    pub pace_factor: f64,
 }
 
 struct Active {
@@ -436,6 +442,7 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
         opts.decrypt_every,
         opts.media_ip,
         opts.socket_recv_buffer,
+        opts.pace_factor,
         ev_tx,
     )?;
     let recorder = Arc::new(Recorder::default());
@@ -893,6 +900,7 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
             .unwrap_or_default(),
         generator_nice: opts.generator_nice,
         socket_recv_buffer: opts.socket_recv_buffer,
+        pace_factor: opts.pace_factor,
     })
 }
 

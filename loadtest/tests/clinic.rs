@@ -47,6 +47,7 @@ async fn clinic_visit_media_is_received_and_decrypted() {
                 // The server is already running: only this process yields.
                 generator_nice: 1,
                 socket_recv_buffer: 1 << 20,
+                pace_factor: conclave_loadtest::pacer::DEFAULT_FACTOR,
             },
         ),
     )
