@@ -766,11 +766,9 @@ impl Engine {
                 // receiving for hundreds of listeners runs behind: a real
                 // sender's timing does not depend on other people's
                 // receivers.
-                if self
-                    .timers
-                    .peek()
-                    .is_some_and(|Reverse((t, _))| *t <= Instant::now())
-                    && !self.run_timers(Instant::now())
+                let now = Instant::now();
+                if self.timers.peek().is_some_and(|Reverse((t, _))| *t <= now)
+                    && !self.run_timers(now)
                 {
                     return self.finish();
                 }

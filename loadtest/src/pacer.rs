@@ -46,11 +46,6 @@ impl<T> Pacer<T> {
         self.queue.push_back((item, bytes));
     }
 
-    /// Items queued.
-    pub fn len(&self) -> usize {
-        self.queue.len()
-    }
-
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
