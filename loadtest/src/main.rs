@@ -91,6 +91,15 @@ struct RunArgs {
     /// SFU is the SFU's own. 0 leaves the priorities equal.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
     generator_nice: i32,
+    /// Once the servers under test are up, put the load generator's threads
+    /// under SCHED_IDLE: they run only on a core no server thread wants, so
+    /// a server thread that wakes never waits behind the generator (as it
+    /// would not on a machine of its own). Niceness only shares the cores
+    /// out in proportion; with both processes busy on 2 cores the server
+    /// still waits its turn. The generator then falls further behind
+    /// itself (frame latency, join times).
+    #[arg(long)]
+    generator_idle: bool,
     /// Receive buffer (SO_RCVBUF, bytes) of each simulated participant's
     /// UDP socket; 0 keeps the kernel's default (net.core.rmem_default).
     /// One thread serves every participant, so a buffer larger than the
@@ -159,6 +168,7 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         progress: !a.quiet,
         media_ip,
         generator_nice: a.generator_nice,
+        generator_idle: a.generator_idle,
         socket_recv_buffer: a.socket_recv_buffer,
         pace_factor: a.pace_factor,
     };
@@ -171,12 +181,12 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     // A server started after the load generator lowered its priority would
     // inherit the lower priority: with both targets, Janus starts (and
     // idles) before the Conclave run.
-    let janus =
-        if a.target == TargetArg::Janus || (a.target == TargetArg::Both && a.generator_nice > 0) {
-            Some(JanusServer::start(&janus_options).await?)
-        } else {
-            None
-        };
+    let yields = a.generator_nice > 0 || a.generator_idle;
+    let janus = if a.target == TargetArg::Janus || (a.target == TargetArg::Both && yields) {
+        Some(JanusServer::start(&janus_options).await?)
+    } else {
+        None
+    };
     let mut results = Vec::new();
     if a.target != TargetArg::Janus {
         // On an error, dropping a started Janus stops it.
@@ -348,9 +358,9 @@ fn print_summary(r: &RunResult, dir: &std::path::Path) {
         f(s.kib_per_participant)
     );
     println!(
-        "load generator CPU {:.1}% of a core (niceness {}), socket receive buffers {}, video pacing {}",
+        "load generator CPU {:.1}% of a core ({}), socket receive buffers {}, video pacing {}",
         s.loadgen_cpu_percent_mean,
-        r.generator_nice,
+        conclave_loadtest::report::scheduling_label(r.generator_nice, r.generator_idle),
         conclave_loadtest::report::recv_buffer_label(r.socket_recv_buffer),
         conclave_loadtest::report::pacing_label(r.pace_factor)
     );

@@ -178,6 +178,15 @@ pub fn pacing_label(factor: f64) -> String {
     }
 }
 
+/// How a report names the load generator's CPU priority.
+pub fn scheduling_label(nice: i32, idle: bool) -> String {
+    if idle {
+        "SCHED_IDLE: only cores the server leaves free".to_owned()
+    } else {
+        format!("niceness {nice}")
+    }
+}
+
 /// Key frames sent by source, camera first: `camera 12, screen 3`, or
 /// `none`.
 pub fn key_frames_label(by_source: &std::collections::HashMap<Source, u64>) -> String {
@@ -494,8 +503,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
             format!("{:.1}", srv.loadgen_cpu_percent_mean),
         ),
         (
-            "load generator niceness (0: same CPU priority as the server)",
-            r.generator_nice.to_string(),
+            "load generator CPU priority (niceness 0: the same as the server)",
+            scheduling_label(r.generator_nice, r.generator_idle),
         ),
         (
             "receive buffer of each participant's socket",
@@ -554,6 +563,12 @@ mod tests {
         by.insert(Source::Screen, 3);
         by.insert(Source::Camera, 12);
         assert_eq!(key_frames_label(&by), "camera 12, screen 3");
+    }
+
+    #[test]
+    fn the_generator_priority_is_named() {
+        assert_eq!(scheduling_label(10, false), "niceness 10");
+        assert!(scheduling_label(10, true).starts_with("SCHED_IDLE"));
     }
 }
 
@@ -738,6 +753,13 @@ pub fn comparison_rows(c: &RunResult, j: &RunResult) -> Vec<ComparisonRow> {
             "load generator niceness (0: same CPU priority as the SFU)",
             Some(f64::from(c.generator_nice)),
             Some(f64::from(j.generator_nice)),
+            0,
+            false,
+        ),
+        row(
+            "load generator under SCHED_IDLE (1: yes)",
+            Some(f64::from(u8::from(c.generator_idle))),
+            Some(f64::from(u8::from(j.generator_idle))),
             0,
             false,
         ),

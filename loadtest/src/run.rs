@@ -41,6 +41,9 @@ pub struct RunOptions {
     /// Niceness the load generator lowers its threads to before the run
     /// (see [`lower_own_priority`]); 0 leaves them alone.
     pub generator_nice: i32,
+    /// Put the load generator's threads under SCHED_IDLE before the run
+    /// (see [`idle_scheduling`]).
+    pub generator_idle: bool,
     /// SO_RCVBUF of the participants' UDP sockets, bytes (0: the kernel's
     /// default).
     pub socket_recv_buffer: usize,
@@ -257,6 +260,9 @@ pub struct RunResult {
     /// Niceness of the load generator's threads during the run (0: the
     /// same CPU priority as the server).
     pub generator_nice: i32,
+    /// The load generator's threads ran under SCHED_IDLE (only on cores the
+    /// server left free); `generator_nice` then does not matter.
+    pub generator_idle: bool,
     /// SO_RCVBUF asked for on the participants' UDP sockets, bytes (0: the
     /// kernel's default).
     pub socket_recv_buffer: usize,
@@ -400,6 +406,9 @@ fn ms(a: Option<Instant>, b: Option<Instant>) -> Option<f64> {
 pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<RunResult> {
     if opts.generator_nice > 0 {
         lower_own_priority(opts.generator_nice)?;
+    }
+    if opts.generator_idle {
+        idle_scheduling(std::process::id())?;
     }
     let s = opts.scenario.clone();
     let started_unix = SystemTime::now()
@@ -899,6 +908,7 @@ pub async fn run(mut target: Target<'_>, opts: RunOptions) -> anyhow::Result<Run
             .map(|(_, _, c)| c.drops_by_reason.clone())
             .unwrap_or_default(),
         generator_nice: opts.generator_nice,
+        generator_idle: opts.generator_idle,
         socket_recv_buffer: opts.socket_recv_buffer,
         pace_factor: opts.pace_factor,
     })
@@ -935,6 +945,29 @@ pub fn lower_own_priority(niceness: i32) -> anyhow::Result<()> {
                 });
             }
         }
+    }
+    Ok(())
+}
+
+/// Puts every thread of process `pid` under SCHED_IDLE (threads it starts
+/// later inherit it): the scheduler gives them a core only when no other
+/// thread wants it, and a waking thread of any other process preempts
+/// them at once. For the load generator on a machine it shares with the
+/// server under test, this is the nearest thing to the server having the
+/// machine to itself. Any process may do this to its own threads; it uses
+/// util-linux's `chrt`, as the workspace forbids the `unsafe` a direct
+/// `sched_setscheduler` call would need.
+pub fn idle_scheduling(pid: u32) -> anyhow::Result<()> {
+    let out = std::process::Command::new("chrt")
+        .args(["--idle", "--all-tasks", "--pid", "0"])
+        .arg(pid.to_string())
+        .output()
+        .context("running chrt (util-linux) to put the load generator under SCHED_IDLE")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "chrt could not put process {pid} under SCHED_IDLE: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -978,7 +1011,7 @@ pub fn write_comparison(
 
 #[cfg(test)]
 mod tests {
-    use super::{PublisherRuntime, summarize_joins};
+    use super::{PublisherRuntime, idle_scheduling, summarize_joins};
     use crate::conclave::JoinRecord;
     use crate::media::{PeerSpec, VideoSpec};
     use std::time::{Duration, Instant};
@@ -1084,5 +1117,40 @@ mod tests {
         assert_eq!(r.errors, ["refused"]);
         assert_eq!(r.join_ms.count, 1);
         assert_eq!(r.mls_ms.count, 2);
+    }
+
+    /// The scheduling policy (`/proc/<pid>/task/<tid>/stat` field 41) of
+    /// each thread of `pid`.
+    fn policies(pid: u32) -> Vec<u32> {
+        let mut out = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+            let stat =
+                std::fs::read_to_string(task.expect("task").path().join("stat")).expect("stat");
+            // Field 3 (state) is the first after the command's closing ')'.
+            let after = &stat[stat.rfind(')').expect("comm") + 1..];
+            let policy = after.split_whitespace().nth(41 - 3).expect("policy");
+            out.push(policy.parse().expect("a number"));
+        }
+        out
+    }
+
+    #[test]
+    fn idle_scheduling_puts_every_thread_of_the_process_under_sched_idle() {
+        const SCHED_OTHER: u32 = 0;
+        const SCHED_IDLE: u32 = 5;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep starts");
+        let pid = child.id();
+        assert_eq!(policies(pid), [SCHED_OTHER]);
+        let set = idle_scheduling(pid);
+        let after = policies(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        set.expect("chrt puts it under SCHED_IDLE");
+        assert_eq!(after, [SCHED_IDLE]);
+        // A process that is gone is an error, not a silent success.
+        assert!(idle_scheduling(pid).is_err());
     }
 }

@@ -46,6 +46,7 @@ async fn clinic_visit_media_is_received_and_decrypted() {
                 media_ip: [127, 0, 0, 1].into(),
                 // The server is already running: only this process yields.
                 generator_nice: 1,
+                generator_idle: false,
                 socket_recv_buffer: 1 << 20,
                 pace_factor: conclave_loadtest::pacer::DEFAULT_FACTOR,
             },
